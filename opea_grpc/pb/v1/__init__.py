@@ -1,0 +1,1 @@
+"""Generated from protos/ by ``python -m opea_grpc.codegen``. Do not edit."""
