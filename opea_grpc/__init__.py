@@ -1,0 +1,25 @@
+"""opea-grpc: compose GenAI microservices over typed gRPC contracts.
+
+Importing this package reads no environment, starts nothing and configures no logging.
+"""
+
+from opea_grpc.channel import Channels, connect
+from opea_grpc.config import ClientConfig, ServerConfig
+from opea_grpc.errors import GraphError, NodeError, ServiceError
+from opea_grpc.orchestrator import Node, ServiceOrchestrator
+from opea_grpc.server import MicroService, ServiceRole, ServiceType
+
+__all__ = [
+    "Channels",
+    "ClientConfig",
+    "GraphError",
+    "MicroService",
+    "Node",
+    "NodeError",
+    "ServerConfig",
+    "ServiceError",
+    "ServiceOrchestrator",
+    "ServiceRole",
+    "ServiceType",
+    "connect",
+]

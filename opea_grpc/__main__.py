@@ -1,0 +1,3 @@
+from opea_grpc.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""The ``opea-grpc`` command.
+
+    opea-grpc serve SERVICE [--host H] [--port P]    serve a service until SIGINT/SIGTERM
+    opea-grpc health TARGET [--service NAME]         gRPC health probe: exit 0 only when SERVING
+    opea-grpc graph MODULE:ATTR [--format mermaid]   print a pipeline's graph
+
+``SERVICE`` is a built-in service name or ``module:attr`` naming a :class:`MicroService` or a
+function ``(ServerConfig) -> MicroService``. Settings come from ``OPEA_*`` variables; flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from opea_grpc.config import ConfigError, ServerConfig, load
+from opea_grpc.server import MicroService
+
+log = logging.getLogger("opea_grpc")
+
+#: Built-in services: name -> ``module:function`` building it from a ServerConfig.
+BUILTIN_SERVICES: Mapping[str, str] = {}
+
+EXIT_NOT_SERVING = 1
+EXIT_UNREACHABLE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message says what to fix."""
+
+
+def _import(spec: str) -> object:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"expected MODULE:ATTR, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def build_service(spec: str, config: ServerConfig) -> MicroService:
+    """The MicroService that ``spec`` (a built-in name or ``module:attr``) names."""
+    if ":" not in spec:
+        if spec not in BUILTIN_SERVICES:
+            known = ", ".join(sorted(BUILTIN_SERVICES)) or "none yet"
+            raise UsageError(
+                f"unknown service {spec!r} (built-in: {known}); "
+                "or give MODULE:ATTR naming a MicroService or a function returning one"
+            )
+        spec = BUILTIN_SERVICES[spec]
+    target = _import(spec)
+    if isinstance(target, MicroService):
+        target.config = config
+        return target
+    if callable(target):
+        service = target(config)
+        if isinstance(service, MicroService):
+            return service
+    raise UsageError(f"{spec} is neither a MicroService nor a function returning one")
+
+
+async def _serve(service: MicroService) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    port = await service.start()
+    print(f"{service.name} listening on {service.config.host}:{port}", flush=True)
+    await stop.wait()
+    log.info("%s: stopping, %.1f s grace", service.name, service.config.grace)
+    await service.stop()
+
+
+def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    overrides = {"host": args.host, "port": args.port, "grace": args.grace}
+    config = load(ServerConfig, env, overrides=overrides)
+    asyncio.run(_serve(build_service(args.service, config)))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            print(f"{args.target}: {code.name}: {details}", file=sys.stderr)
+            return EXIT_NOT_SERVING if code is grpc.StatusCode.NOT_FOUND else EXIT_UNREACHABLE
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    print(f"{args.target} {args.service or '(server)'}: {status}")
+    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SERVING
+
+
+def cmd_graph(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from opea_grpc.orchestrator import ServiceOrchestrator
+
+    target = _import(args.pipeline)
+    graph = target() if callable(target) and not isinstance(target, ServiceOrchestrator) else target
+    if not isinstance(graph, ServiceOrchestrator):
+        raise UsageError(
+            f"{args.pipeline} is not a ServiceOrchestrator or a function returning one"
+        )
+    print(graph.describe(args.format))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opea-grpc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (OPEA_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a microservice")
+    serve.add_argument("service", help="built-in service name, or MODULE:ATTR")
+    serve.add_argument("--host", help="address to bind (OPEA_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind, 0 for any (OPEA_PORT)")
+    serve.add_argument("--grace", type=float, help="seconds to drain calls on stop (OPEA_GRACE)")
+    serve.set_defaults(run=cmd_serve)
+
+    health = sub.add_parser("health", help="check a server's gRPC health; exit 0 when SERVING")
+    health.add_argument("target", help="host:port")
+    health.add_argument("--service", default="", help="service name (default: whole server)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.set_defaults(run=cmd_health)
+
+    graph = sub.add_parser("graph", help="print a pipeline's graph")
+    graph.add_argument("pipeline", help="MODULE:ATTR naming a ServiceOrchestrator or a factory")
+    graph.add_argument("--format", choices=("json", "mermaid"), default="json")
+    graph.set_defaults(run=cmd_graph)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    args = _parser().parse_args(argv)
+    level = args.log_level or env.get("OPEA_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    run: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.run
+    try:
+        return run(args, env)
+    except (UsageError, ConfigError, OSError) as exc:
+        print(f"opea-grpc: error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

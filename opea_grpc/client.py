@@ -1,0 +1,262 @@
+"""Typed clients for the opea.v1 services.
+
+Each wraps a generated stub on a long-lived channel (see :mod:`opea_grpc.channel`). Every call
+carries ``timeout=``: the one given, else the client's default, in both cases shortened to what
+the request being served has left (:mod:`opea_grpc.deadline`), because gRPC Python neither
+propagates deadlines nor applies the service config's per-method timeout.
+
+>>> client = RerankClient(channels.get("127.0.0.1:50053", [RerankClient.SERVICE]))
+>>> response = await client.rerank(RerankRequest(query="q", documents=docs), timeout=2.0)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import grpc
+
+from opea_grpc import deadline
+from opea_grpc.pb.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    chatqna_pb2,
+    chatqna_pb2_grpc,
+    common_pb2,
+    common_pb2_grpc,
+    embedding_pb2,
+    embedding_pb2_grpc,
+    rerank_pb2,
+    rerank_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
+from opea_grpc.retry import RetryBudget
+
+Metadata = Sequence[tuple[str, str | bytes]]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+DEFAULT_TIMEOUT = 10.0
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+
+class _Client:
+    """What every typed client shares: channel, default timeout, retry budget."""
+
+    SERVICE: ClassVar[str] = ""
+    _STUB: ClassVar[type[Any]]
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry_budget: RetryBudget | None = None,
+    ) -> None:
+        self.channel = channel
+        self.timeout = timeout
+        self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
+        self._stub = type(self)._STUB(channel)
+
+    def _timeout(self, timeout: float | None) -> float:
+        return deadline.bound(self.timeout if timeout is None else timeout)
+
+    async def _unary(
+        self,
+        method: Callable[..., Awaitable[Resp]],
+        request: object,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> Resp:
+        """Call; retry an UNAVAILABLE that gRPC could not retry, while time and budget last."""
+        budget = self.retry_budget
+        budget.deposit()
+        seconds = self._timeout(timeout)
+        expires = time.monotonic() + seconds
+        while True:
+            try:
+                return await method(request, timeout=seconds, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                seconds = expires - time.monotonic()
+                if exc.code() is not _UNAVAILABLE or seconds <= 0 or not budget.withdraw():
+                    raise
+
+    async def _stream(
+        self,
+        method: Callable[..., grpc.aio.UnaryStreamCall[object, Resp]],
+        request: object,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> AsyncIterator[Resp]:
+        """Relay a stream; retry UNAVAILABLE before the first message; cancel when abandoned."""
+        budget = self.retry_budget
+        budget.deposit()
+        seconds = self._timeout(timeout)
+        expires = time.monotonic() + seconds
+        while True:
+            call = method(request, timeout=seconds, metadata=metadata)
+            started = False
+            try:
+                async for message in call:
+                    started = True
+                    yield message
+                return
+            except grpc.aio.AioRpcError as exc:
+                seconds = expires - time.monotonic()
+                if (
+                    started
+                    or exc.code() is not _UNAVAILABLE
+                    or seconds <= 0
+                    or not budget.withdraw()
+                ):
+                    raise
+            finally:
+                call.cancel()
+
+
+class EmbeddingClient(_Client):
+    SERVICE = "opea.v1.EmbeddingService"
+
+    _STUB = embedding_pb2_grpc.EmbeddingServiceStub
+
+    async def embed(
+        self,
+        request: embedding_pb2.EmbedRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> embedding_pb2.EmbedResponse:
+        return await self._unary(self._stub.Embed, request, timeout, metadata)
+
+
+class RetrievalClient(_Client):
+    SERVICE = "opea.v1.RetrievalService"
+
+    _STUB = retrieval_pb2_grpc.RetrievalServiceStub
+
+    async def search(
+        self,
+        request: retrieval_pb2.SearchRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> retrieval_pb2.SearchResponse:
+        return await self._unary(self._stub.Search, request, timeout, metadata)
+
+    async def upsert(
+        self,
+        request: retrieval_pb2.UpsertRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> retrieval_pb2.UpsertResponse:
+        return await self._unary(self._stub.Upsert, request, timeout, metadata)
+
+    async def delete(
+        self,
+        request: retrieval_pb2.DeleteRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> retrieval_pb2.DeleteResponse:
+        return await self._unary(self._stub.Delete, request, timeout, metadata)
+
+    async def list_collections(
+        self, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> retrieval_pb2.ListCollectionsResponse:
+        return await self._unary(
+            self._stub.ListCollections, retrieval_pb2.ListCollectionsRequest(), timeout, metadata
+        )
+
+    async def delete_collection(
+        self, name: str, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> retrieval_pb2.DeleteCollectionResponse:
+        return await self._unary(
+            self._stub.DeleteCollection,
+            retrieval_pb2.DeleteCollectionRequest(name=name),
+            timeout,
+            metadata,
+        )
+
+
+class RerankClient(_Client):
+    SERVICE = "opea.v1.RerankService"
+
+    _STUB = rerank_pb2_grpc.RerankServiceStub
+
+    async def rerank(
+        self,
+        request: rerank_pb2.RerankRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> rerank_pb2.RerankResponse:
+        return await self._unary(self._stub.Rerank, request, timeout, metadata)
+
+
+class ChatClient(_Client):
+    SERVICE = "opea.v1.ChatService"
+
+    _STUB = chat_pb2_grpc.ChatServiceStub
+
+    async def chat(
+        self,
+        request: chat_pb2.ChatRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> chat_pb2.ChatResponse:
+        return await self._unary(self._stub.Chat, request, timeout, metadata)
+
+    def chat_stream(
+        self,
+        request: chat_pb2.ChatRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[chat_pb2.ChatStreamResponse]:
+        """The completion's chunks as they arrive; closing the iterator cancels the call."""
+        return self._stream(
+            self._stub.ChatStream, chat_pb2.ChatStreamRequest(request=request), timeout, metadata
+        )
+
+
+class ChatQnAClient(_Client):
+    SERVICE = "opea.v1.ChatQnAService"
+
+    _STUB = chatqna_pb2_grpc.ChatQnAServiceStub
+
+    async def ask(
+        self,
+        request: chatqna_pb2.AskRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> chatqna_pb2.AskResponse:
+        return await self._unary(self._stub.Ask, request, timeout, metadata)
+
+    def ask_stream(
+        self,
+        request: chatqna_pb2.AskRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[chatqna_pb2.AskStreamResponse]:
+        return self._stream(
+            self._stub.AskStream, chatqna_pb2.AskStreamRequest(request=request), timeout, metadata
+        )
+
+
+class ModelClient(_Client):
+    SERVICE = "opea.v1.ModelService"
+
+    _STUB = common_pb2_grpc.ModelServiceStub
+
+    async def list_models(
+        self, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> common_pb2.ListModelsResponse:
+        return await self._unary(
+            self._stub.ListModels, common_pb2.ListModelsRequest(), timeout, metadata
+        )

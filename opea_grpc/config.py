@@ -1,0 +1,159 @@
+"""Settings: frozen, validated dataclasses built once at the entrypoint from env and flags.
+
+No other module reads ``os.environ``. Each field ``foo_bar`` of a settings class is read from
+``OPEA_FOO_BAR`` (or another prefix); flags override the environment; an explicit ``0`` stays
+``0`` (defaults apply only when a value is absent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+class ConfigError(ValueError):
+    """A setting that is missing, malformed or out of range; the message names it."""
+
+
+def parse_bool(text: str, *, name: str = "value") -> bool:
+    """Strict boolean: true/false, 1/0, yes/no, on/off; anything else is an error."""
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{name}: expected true or false, got {text!r}")
+
+
+def _parse(text: str, kind: Any, name: str) -> object:
+    origin = typing.get_origin(kind)
+    if origin is typing.Union or origin is types.UnionType:
+        inner = [a for a in typing.get_args(kind) if a is not type(None)]
+        if text.strip() == "":
+            return None
+        return _parse(text, inner[0], name)
+    if kind is bool:
+        return parse_bool(text, name=name)
+    if kind in (int, float):
+        try:
+            return kind(text.strip())
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number, got {text!r}") from None
+    if origin is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return text
+
+
+def load(
+    cls: type[T],
+    env: Mapping[str, str],
+    *,
+    prefix: str = "OPEA_",
+    overrides: Mapping[str, object] | None = None,
+) -> T:
+    """Build settings class ``cls`` from ``env`` (``PREFIX + FIELD``), then ``overrides``.
+
+    Overrides whose value is None are ignored, so unset CLI flags leave the env value in place.
+
+    >>> load(ServerConfig, {"OPEA_PORT": "7000"}, overrides={"host": "127.0.0.1"}).port
+    7000
+    """
+    hints = typing.get_type_hints(cls)
+    values: dict[str, object] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = prefix + field.name.upper()
+        if key in env:
+            values[field.name] = _parse(env[key], hints[field.name], key)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """How a :class:`~opea_grpc.MicroService` serves (``OPEA_*`` environment variables)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    #: Largest message received or sent, in bytes.
+    max_message_bytes: int = 16 * 1024 * 1024
+    #: Server pings an idle connection after this many seconds; drops it when unanswered.
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+    #: Refuse calls beyond this many in flight (0: unlimited).
+    max_concurrent_rpcs: int = 0
+    #: Seconds between readiness checks of the backends.
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    #: On stop, seconds to advertise NOT_SERVING while still serving, so balancers move away.
+    drain_delay: float = 0.0
+    #: On stop, seconds in-flight calls get to finish.
+    grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, f"OPEA_PORT: {self.port} is not a port (0-65535)")
+        _check(self.max_message_bytes > 0, "OPEA_MAX_MESSAGE_BYTES must be positive")
+        _check(self.keepalive_time > 0, "OPEA_KEEPALIVE_TIME must be positive")
+        _check(self.keepalive_timeout > 0, "OPEA_KEEPALIVE_TIMEOUT must be positive")
+        _check(self.max_concurrent_rpcs >= 0, "OPEA_MAX_CONCURRENT_RPCS must be >= 0")
+        _check(self.health_interval > 0, "OPEA_HEALTH_INTERVAL must be positive")
+        _check(self.health_timeout > 0, "OPEA_HEALTH_TIMEOUT must be positive")
+        _check(self.drain_delay >= 0, "OPEA_DRAIN_DELAY must be >= 0")
+        _check(self.grace >= 0, "OPEA_GRACE must be >= 0")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """How a channel to a downstream behaves (``OPEA_CLIENT_*`` environment variables)."""
+
+    #: Default per-call timeout in seconds, when the caller gives none.
+    timeout: float = 10.0
+    #: Attempts per call for retryable (idempotent) methods, first one included (1: no retry).
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    backoff_multiplier: float = 2.0
+    #: Retry throttling: retries stop while failures outweigh successes (gRPC A6 token bucket).
+    retry_max_tokens: int = 10
+    retry_token_ratio: float = 0.1
+    #: Spread calls over every address of a target, skipping replicas whose health is not SERVING.
+    round_robin: bool = True
+    health_check: bool = True
+    max_message_bytes: int = 16 * 1024 * 1024
+    keepalive_time: float = 30.0
+    keepalive_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(self.timeout > 0, "OPEA_CLIENT_TIMEOUT must be positive")
+        _check(1 <= self.max_attempts <= 5, "OPEA_CLIENT_MAX_ATTEMPTS must be 1..5 (gRPC's cap)")
+        _check(self.initial_backoff > 0, "OPEA_CLIENT_INITIAL_BACKOFF must be positive")
+        _check(self.max_backoff >= self.initial_backoff, "OPEA_CLIENT_MAX_BACKOFF < initial")
+        _check(self.backoff_multiplier >= 1, "OPEA_CLIENT_BACKOFF_MULTIPLIER must be >= 1")
+        _check(1 <= self.retry_max_tokens <= 1000, "OPEA_CLIENT_RETRY_MAX_TOKENS must be 1..1000")
+        _check(self.retry_token_ratio > 0, "OPEA_CLIENT_RETRY_TOKEN_RATIO must be positive")
+        _check(self.max_message_bytes > 0, "OPEA_CLIENT_MAX_MESSAGE_BYTES must be positive")
+        _check(self.keepalive_time > 0, "OPEA_CLIENT_KEEPALIVE_TIME must be positive")
+        _check(self.keepalive_timeout > 0, "OPEA_CLIENT_KEEPALIVE_TIMEOUT must be positive")
