@@ -6,12 +6,14 @@ Importing this package reads no environment, starts nothing and configures no lo
 from opea_grpc.channel import Channels, connect
 from opea_grpc.config import ClientConfig, ServerConfig
 from opea_grpc.errors import GraphError, NodeError, ServiceError
-from opea_grpc.orchestrator import Node, ServiceOrchestrator
-from opea_grpc.server import MicroService, ServiceRole, ServiceType
+from opea_grpc.node import Node
+from opea_grpc.orchestrator import ServiceOrchestrator
+from opea_grpc.server import Context, MicroService, ServiceRole, ServiceType
 
 __all__ = [
     "Channels",
     "ClientConfig",
+    "Context",
     "GraphError",
     "MicroService",
     "Node",

@@ -3,6 +3,7 @@
     opea-grpc serve SERVICE [--host H] [--port P]    serve a service until SIGINT/SIGTERM
     opea-grpc health TARGET [--service NAME]         gRPC health probe: exit 0 only when SERVING
     opea-grpc graph MODULE:ATTR [--format mermaid]   print a pipeline's graph
+    opea-grpc demo [--once]                          the README's example, served and run
 
 ``SERVICE`` is a built-in service name or ``module:attr`` naming a :class:`MicroService` or a
 function ``(ServerConfig) -> MicroService``. Settings come from ``OPEA_*`` variables; flags win.
@@ -92,6 +93,22 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from opea_grpc import demo
+
+    config = load(ServerConfig, env, overrides={"host": args.host, "port": args.port})
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await demo.main(config, once=args.once, stop=stop)
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     with grpc.insecure_channel(args.target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -139,6 +156,12 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="service name (default: whole server)")
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.set_defaults(run=cmd_health)
+
+    demo = sub.add_parser("demo", help="serve the README's example and run its pipeline")
+    demo.add_argument("--host", help="address to bind (OPEA_HOST, default 127.0.0.1)")
+    demo.add_argument("--port", type=int, help="port to bind, 0 for any (OPEA_PORT)")
+    demo.add_argument("--once", action="store_true", help="run the pipeline once and exit")
+    demo.set_defaults(run=cmd_demo)
 
     graph = sub.add_parser("graph", help="print a pipeline's graph")
     graph.add_argument("pipeline", help="MODULE:ATTR naming a ServiceOrchestrator or a factory")

@@ -7,13 +7,15 @@ its traceback on the server and never shown to the caller.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 
 class ServiceError(Exception):
     """A failure to report to the caller as a gRPC status.
 
-    >>> raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "input is empty: send at least one text")
+    >>> raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "input is empty: send a text")
     """
 
     def __init__(
@@ -54,6 +56,6 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or exc.code().name
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):  # distinct types before 3.11
         return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}"

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 S = TypeVar("S")
 Self = TypeVar("Self", bound="MicroService")
+
+if TYPE_CHECKING:
+    #: The context a servicer method receives (``grpc.aio.ServicerContext``).
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
 
 #: A backend's readiness: True when it can serve. May be a coroutine function.
 Readiness = Callable[[], bool | Awaitable[bool]]
@@ -247,7 +253,7 @@ class MicroService:
     async def refresh_health(self) -> None:
         """Ask every readiness callable now and publish the result."""
         results = await asyncio.gather(*(self._is_ready(r) for r in self._registrations))
-        for reg, ok in zip(self._registrations, results):
+        for reg, ok in zip(self._registrations, results, strict=True):
             self._health.set(reg.name, SERVING if ok else NOT_SERVING)
         self._health.set("", SERVING if all(results) else NOT_SERVING)
 

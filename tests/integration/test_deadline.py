@@ -69,7 +69,8 @@ async def test_downstream_sees_no_more_time_than_its_caller(timeout: float) -> N
     assert reply.model == "downstream"
     (caller_had,) = upstream.remaining
     (callee_had,) = downstream.remaining
-    assert caller_had is not None and callee_had is not None
+    assert caller_had is not None
+    assert callee_had is not None
     # The upstream asked for 60 s; the downstream got what the caller had left, no more.
     assert callee_had <= caller_had
 

@@ -145,5 +145,6 @@ async def test_killed_replica_causes_no_failed_call(
     assert killed_after is not None, "both replicas never served"
     assert failures == []
     assert await victim.wait() == -signal.SIGKILL
-    assert served[str(survivor.pid)] > 0 and served[str(victim.pid)] > 0
+    assert served[str(survivor.pid)] > 0
+    assert served[str(victim.pid)] > 0
     assert sum(served.values()) == calls

@@ -94,22 +94,22 @@ async def test_port_in_use_is_a_clear_error() -> None:
 async def test_readiness_flips_health_and_back() -> None:
     ready = Flag()
     adder = rerank_pb2_grpc.add_RerankServiceServicer_to_server
-    async with serve((adder, IdentityReranker("a"), ready), config=LOOPBACK) as served:
-        # A plain channel: the served one skips a NOT_SERVING server by design.
-        async with grpc.aio.insecure_channel(served.target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for service in (RERANK, ""):
-                watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=10)
-                await next_status(watch, SERVING)
-                ready.value = False
-                await next_status(watch, NOT_SERVING)
-                check = await health.Check(
-                    health_pb2.HealthCheckRequest(service=service), timeout=5
-                )
-                assert check.status == NOT_SERVING
-                ready.value = True
-                await next_status(watch, SERVING)
-                watch.cancel()
+    # A plain channel: the one serve() yields skips a NOT_SERVING server by design.
+    async with (
+        serve((adder, IdentityReranker("a"), ready), config=LOOPBACK) as served,
+        grpc.aio.insecure_channel(served.target) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in (RERANK, ""):
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            await next_status(watch, SERVING)
+            ready.value = False
+            await next_status(watch, NOT_SERVING)
+            check = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert check.status == NOT_SERVING
+            ready.value = True
+            await next_status(watch, SERVING)
+            watch.cancel()
 
 
 async def test_readiness_that_raises_or_hangs_is_not_serving() -> None:
@@ -249,10 +249,14 @@ async def test_stream_error_after_first_chunk_keeps_its_status() -> None:
     adder = chat_pb2_grpc.add_ChatServiceServicer_to_server
     async with serve((adder, StreamingFailure())) as served:
         stub = chat_pb2_grpc.ChatServiceStub(served.channel)
-        received = []
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        received: list[str] = []
+
+        async def consume() -> None:
             async for chunk in stub.ChatStream(chat_pb2.ChatStreamRequest(), timeout=5):
                 received.append(chunk.content)
+
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await consume()
     assert received == ["first"]
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
     assert info.value.details() == "upstream went away"
