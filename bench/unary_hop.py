@@ -23,8 +23,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
+from opea_grpc import Context  # noqa: E402
 from opea_grpc.config import ServerConfig  # noqa: E402
-from opea_grpc.pb.v1 import rerank_pb2, rerank_pb2_grpc  # noqa: E402
+from opea_grpc.pb.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc  # noqa: E402
 from opea_grpc.server import MicroService  # noqa: E402
 
 RESPONSE = rerank_pb2.RerankResponse(
@@ -34,7 +35,7 @@ RESPONSE = rerank_pb2.RerankResponse(
 
 class Trivial(rerank_pb2_grpc.RerankServiceServicer):
     async def Rerank(
-        self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext
+        self, request: rerank_pb2.RerankRequest, context: Context
     ) -> rerank_pb2.RerankResponse:
         return RESPONSE
 
@@ -55,7 +56,9 @@ async def serve(kind: str) -> None:
 
 
 async def drive(port: int, calls: int, concurrency: int) -> list[float]:
-    request = rerank_pb2.RerankRequest(query="q", documents=[{"id": "1", "text": "one"}])
+    request = rerank_pb2.RerankRequest(
+        query="q", documents=[common_pb2.Document(id="1", text="one")]
+    )
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = rerank_pb2_grpc.RerankServiceStub(channel)

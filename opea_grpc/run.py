@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from opea_grpc import deadline
 from opea_grpc.errors import GraphError, NodeError, ServiceError, status_of
 from opea_grpc.node import (
     BUILTIN_ADAPTERS,
@@ -208,7 +209,9 @@ class Run:
         if seconds <= 0:
             raise ServiceError(_DEADLINE, _NO_TIME)
         try:
-            reply = await _bounded(node.call(request, timeout=seconds), seconds)
+            # The scope also bounds calls a node makes itself (a local function calling gRPC).
+            with deadline.scope(seconds):
+                reply = await _bounded(node.call(request, timeout=seconds), seconds)
         except TimeoutError:
             raise ServiceError(_DEADLINE, f"no reply within {seconds:.3g} s") from None
         if node.absorb is not None:

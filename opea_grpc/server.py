@@ -38,6 +38,8 @@ else:
 
 #: A backend's readiness: True when it can serve. May be a coroutine function.
 Readiness = Callable[[], bool | Awaitable[bool]]
+#: A start-up or shut-down step: open a model, an index, a connection pool; close it.
+Hook = Callable[[], Awaitable[None]]
 #: The ``add_FooServicer_to_server`` function that protoc generates.
 AddToServer = Callable[[S, Any], None]
 
@@ -122,6 +124,8 @@ class MicroService:
         self.config = config if config is not None else ServerConfig()
         self._interceptors = tuple(interceptors)
         self._registrations: list[_Registration] = []
+        self._on_start: list[Hook] = []
+        self._on_stop: list[Hook] = []
         self._health = HealthService()
         self._server: grpc.aio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -153,6 +157,20 @@ class MicroService:
             self._registrations.append(_Registration(name, guarded, ready))
         return self
 
+    def on_start(self: Self, hook: Hook) -> Self:
+        """Run ``hook`` in ``start()``, before the port is bound (in the order added).
+
+        An exception in it fails ``start()``; so does a port that cannot be bound, after the
+        stop hooks have run.
+        """
+        self._on_start.append(hook)
+        return self
+
+    def on_stop(self: Self, hook: Hook) -> Self:
+        """Run ``hook`` in ``stop()``, after in-flight calls have drained (in reverse order)."""
+        self._on_stop.append(hook)
+        return self
+
     @property
     def services(self) -> tuple[str, ...]:
         """Full names of the registered services."""
@@ -179,11 +197,33 @@ class MicroService:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> int:
-        """Bind, start serving, and return the bound port."""
+        """Run the start-up hooks, bind, start serving, and return the bound port."""
         if self._server is not None:
             raise RuntimeError("already started")
         if not self._registrations:
             raise RuntimeError("no service registered: call add_service() first")
+        for hook in self._on_start:
+            await hook()
+        try:
+            server, port = self._bind()
+            await server.start()
+        except BaseException:
+            await self._run_stop_hooks()
+            raise
+        self._server, self._port = server, port
+        await self.refresh_health()
+        self._watcher = asyncio.create_task(self._watch_readiness(), name=f"{self.name}-health")
+        log.info(
+            "%s (%s %s) serving %s on %s",
+            self.name,
+            self.service_role.value,
+            self.service_type.value,
+            ", ".join(self.services),
+            self.config.address.rsplit(":", 1)[0] + f":{port}",
+        )
+        return port
+
+    def _bind(self) -> tuple[grpc.aio.Server, int]:
         cfg = self.config
         server = grpc.aio.server(
             interceptors=self._interceptors,
@@ -198,22 +238,9 @@ class MicroService:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(server, [*self.services, HEALTH_SERVICE])
         try:
-            self._port = server.add_insecure_port(cfg.address)
+            return server, server.add_insecure_port(cfg.address)
         except RuntimeError:
             raise OSError(f"{self.name}: cannot listen on {cfg.address} (in use?)") from None
-        self._server = server
-        await server.start()
-        await self.refresh_health()
-        self._watcher = asyncio.create_task(self._watch_readiness(), name=f"{self.name}-health")
-        log.info(
-            "%s (%s %s) serving %s on %s",
-            self.name,
-            self.service_role.value,
-            self.service_type.value,
-            ", ".join(self.services),
-            cfg.address.rsplit(":", 1)[0] + f":{self._port}",
-        )
-        return self._port
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving: NOT_SERVING first, then drain in-flight calls for ``grace`` seconds."""
@@ -230,7 +257,15 @@ class MicroService:
         self._health.close()
         await server.stop(self.config.grace if grace is None else grace)
         self._server = None
+        await self._run_stop_hooks()
         log.info("%s stopped", self.name)
+
+    async def _run_stop_hooks(self) -> None:
+        for hook in reversed(self._on_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("%s: a shutdown hook failed", self.name)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -10,6 +10,7 @@ import os
 
 import grpc
 
+from opea_grpc import Context
 from opea_grpc.config import ServerConfig
 from opea_grpc.errors import ServiceError
 from opea_grpc.pb.v1 import rerank_pb2, rerank_pb2_grpc
@@ -24,7 +25,7 @@ class IdentityReranker(rerank_pb2_grpc.RerankServiceServicer):
         self.calls = 0
 
     async def Rerank(
-        self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext
+        self, request: rerank_pb2.RerankRequest, context: Context
     ) -> rerank_pb2.RerankResponse:
         if request.query == "":
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "query is empty")

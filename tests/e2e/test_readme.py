@@ -57,14 +57,16 @@ async def test_demo_serves_until_interrupted(subprocess_env: dict[str, str], buf
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=subprocess_env,
     )  # fmt: skip
     assert proc.stdout is not None
+
+    async def read_target(stdout: asyncio.StreamReader) -> str:
+        while True:
+            line = (await stdout.readline()).decode()
+            assert line, "demo exited before serving"
+            if match := re.match(r"overlap-rerank serving on (\S+);", line):
+                return match.group(1)
+
     try:
-        target = None
-        async with asyncio.timeout(60):
-            while target is None:
-                line = (await proc.stdout.readline()).decode()
-                assert line, "demo exited before serving"
-                if match := re.match(r"overlap-rerank serving on (\S+);", line):
-                    target = match.group(1)
+        target = await asyncio.wait_for(read_target(proc.stdout), 60)
         call = await asyncio.create_subprocess_exec(
             buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge",
             "-d", '{"query": "grpc", "documents": [{"text": "bananas"}, {"text": "grpc here"}]}',

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from opea_grpc import Context
 from opea_grpc.channel import connect
 from opea_grpc.client import ChatClient
 from opea_grpc.pb.v1 import chat_pb2, chat_pb2_grpc, rerank_pb2, rerank_pb2_grpc
@@ -22,9 +23,7 @@ class Downstream(chat_pb2_grpc.ChatServiceServicer):
         self.started = asyncio.Event()
         self.cancelled = asyncio.Event()
 
-    async def Chat(
-        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> chat_pb2.ChatResponse:
+    async def Chat(self, request: chat_pb2.ChatRequest, context: Context) -> chat_pb2.ChatResponse:
         self.remaining.append(context.time_remaining())
         self.started.set()
         if self.hang:
@@ -45,7 +44,7 @@ class Upstream(rerank_pb2_grpc.RerankServiceServicer):
         self.cancelled = asyncio.Event()
 
     async def Rerank(
-        self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext
+        self, request: rerank_pb2.RerankRequest, context: Context
     ) -> rerank_pb2.RerankResponse:
         self.remaining.append(context.time_remaining())
         try:
@@ -58,14 +57,15 @@ class Upstream(rerank_pb2_grpc.RerankServiceServicer):
 
 @pytest.mark.parametrize("timeout", [0.4, 3.0, 30.0])
 async def test_downstream_sees_no_more_time_than_its_caller(timeout: float) -> None:
-    downstream = Downstream(hang=False)
+    # The stubs mark every servicer method abstract; unimplemented ones answer UNIMPLEMENTED.
+    downstream = Downstream(hang=False)  # type: ignore[abstract]
     async with serve((chat_pb2_grpc.add_ChatServiceServicer_to_server, downstream)) as back:
         channel = connect(back.target, [ChatClient.SERVICE])
         upstream = Upstream(ChatClient(channel))
         async with serve((rerank_pb2_grpc.add_RerankServiceServicer_to_server, upstream)) as front:
             stub = rerank_pb2_grpc.RerankServiceStub(front.channel)
             reply = await stub.Rerank(rerank_pb2.RerankRequest(query="q"), timeout=timeout)
-        await channel.close()
+        await channel.close(None)
     assert reply.model == "downstream"
     (caller_had,) = upstream.remaining
     (callee_had,) = downstream.remaining
@@ -76,7 +76,7 @@ async def test_downstream_sees_no_more_time_than_its_caller(timeout: float) -> N
 
 
 async def test_expired_deadline_downstream_is_deadline_exceeded() -> None:
-    downstream = Downstream(hang=True)
+    downstream = Downstream(hang=True)  # type: ignore[abstract]
     async with serve((chat_pb2_grpc.add_ChatServiceServicer_to_server, downstream)) as back:
         channel = connect(back.target, [ChatClient.SERVICE])
         upstream = Upstream(ChatClient(channel))
@@ -90,12 +90,12 @@ async def test_expired_deadline_downstream_is_deadline_exceeded() -> None:
                 raise AssertionError("a hanging downstream must not answer")
             # The downstream's own deadline expired too: its handler was cancelled.
             await asyncio.wait_for(downstream.cancelled.wait(), 10)
-        await channel.close()
+        await channel.close(None)
     assert code is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 async def test_cancelling_the_caller_cancels_the_downstream_handler() -> None:
-    downstream = Downstream(hang=True)
+    downstream = Downstream(hang=True)  # type: ignore[abstract]
     async with serve((chat_pb2_grpc.add_ChatServiceServicer_to_server, downstream)) as back:
         channel = connect(back.target, [ChatClient.SERVICE])
         upstream = Upstream(ChatClient(channel))
@@ -106,5 +106,5 @@ async def test_cancelling_the_caller_cancels_the_downstream_handler() -> None:
             call.cancel()
             await asyncio.wait_for(upstream.cancelled.wait(), 10)
             await asyncio.wait_for(downstream.cancelled.wait(), 10)
-        await channel.close()
+        await channel.close(None)
     assert call.cancelled()

@@ -14,11 +14,11 @@ import pytest
 from opea_grpc.channel import connect
 from opea_grpc.client import RerankClient
 from opea_grpc.config import ClientConfig, ServerConfig
-from opea_grpc.pb.v1 import rerank_pb2, rerank_pb2_grpc
+from opea_grpc.pb.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
 from opea_grpc.server import MicroService
 from tests.replica import IdentityReranker
 
-REQUEST = rerank_pb2.RerankRequest(query="q", documents=[{"id": "1", "text": "one"}])
+REQUEST = rerank_pb2.RerankRequest(query="q", documents=[common_pb2.Document(id="1", text="one")])
 
 
 class Flag:
@@ -58,7 +58,7 @@ async def test_two_replicas_share_calls_round_robin() -> None:
         served = collections.Counter([(await client.rerank(REQUEST)).model for _ in range(40)])
         assert served == {"a": 20, "b": 20}
     finally:
-        await channel.close()
+        await channel.close(None)
         await a.stop(0)
         await b.stop(0)
 
@@ -78,7 +78,7 @@ async def test_not_serving_replica_gets_no_calls_and_rejoins() -> None:
         else:
             raise AssertionError("replica b never rejoined after turning SERVING")
     finally:
-        await channel.close()
+        await channel.close(None)
         await a.stop(0)
         await b.stop(0)
 
@@ -122,7 +122,7 @@ async def test_killed_replica_causes_no_failed_call(
     channel = connect(replica_target(p1, p2), [RerankClient.SERVICE], ClientConfig(max_attempts=5))
     client = RerankClient(channel, timeout=10)
     served: collections.Counter[str] = collections.Counter()
-    failures: list[grpc.StatusCode] = []
+    failures: list[tuple[grpc.StatusCode, str | None, str]] = []
     calls = 0
     killed_after = None
 
@@ -141,7 +141,7 @@ async def test_killed_replica_causes_no_failed_call(
     try:
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(8))), 120)
     finally:
-        await channel.close()
+        await channel.close(None)
     assert killed_after is not None, "both replicas never served"
     assert failures == []
     assert await victim.wait() == -signal.SIGKILL

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from opea_grpc import Context
 from opea_grpc.config import ServerConfig
 from opea_grpc.errors import ServiceError
-from opea_grpc.pb.v1 import chat_pb2, chat_pb2_grpc, rerank_pb2, rerank_pb2_grpc
+from opea_grpc.pb.v1 import chat_pb2, chat_pb2_grpc, common_pb2, rerank_pb2, rerank_pb2_grpc
 from opea_grpc.server import MicroService, ServiceRole, ServiceType
 from opea_grpc.testing import serve
 from tests.replica import IdentityReranker
@@ -25,7 +27,9 @@ LOOPBACK = ServerConfig(host="127.0.0.1", port=0, health_interval=0.02)
 
 
 def rerank_request(query: str = "q") -> rerank_pb2.RerankRequest:
-    return rerank_pb2.RerankRequest(query=query, documents=[{"id": "1", "text": "one"}])
+    return rerank_pb2.RerankRequest(
+        query=query, documents=[common_pb2.Document(id="1", text="one")]
+    )
 
 
 class Flag:
@@ -36,12 +40,16 @@ class Flag:
         return self.value
 
 
-async def next_status(stream: grpc.aio.UnaryStreamCall, wanted: int) -> None:
-    async with asyncio.timeout(10):
+async def next_status(
+    stream: grpc.aio.UnaryStreamCall[Any, health_pb2.HealthCheckResponse], wanted: int
+) -> None:
+    async def wait() -> None:
         async for response in stream:
             if response.status == wanted:
                 return
-    raise AssertionError("health stream ended before the status arrived")
+        raise AssertionError("health stream ended before the status arrived")
+
+    await asyncio.wait_for(wait(), 10)
 
 
 def test_constructor_does_no_io() -> None:
@@ -144,16 +152,15 @@ class Gate(chat_pb2_grpc.ChatServiceServicer):
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def Chat(
-        self, request: chat_pb2.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> chat_pb2.ChatResponse:
+    async def Chat(self, request: chat_pb2.ChatRequest, context: Context) -> chat_pb2.ChatResponse:
         self.entered.set()
         await self.release.wait()
         return chat_pb2.ChatResponse(id="done")
 
 
 async def test_stop_drains_in_flight_and_reports_not_serving_first() -> None:
-    gate = Gate()
+    # The stubs mark every servicer method abstract; ChatStream answers UNIMPLEMENTED here.
+    gate = Gate()  # type: ignore[abstract]
     service = MicroService("drain", config=LOOPBACK)
     service.add_service(chat_pb2_grpc.add_ChatServiceServicer_to_server, gate)
     port = await service.start()
@@ -193,7 +200,7 @@ class Failing(rerank_pb2_grpc.RerankServiceServicer):
         self.exc = exc
 
     async def Rerank(
-        self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext
+        self, request: rerank_pb2.RerankRequest, context: Context
     ) -> rerank_pb2.RerankResponse:
         raise self.exc
 
@@ -247,7 +254,7 @@ class StreamingFailure(chat_pb2_grpc.ChatServiceServicer):
 
 async def test_stream_error_after_first_chunk_keeps_its_status() -> None:
     adder = chat_pb2_grpc.add_ChatServiceServicer_to_server
-    async with serve((adder, StreamingFailure())) as served:
+    async with serve((adder, StreamingFailure())) as served:  # type: ignore[abstract]
         stub = chat_pb2_grpc.ChatServiceStub(served.channel)
         received: list[str] = []
 
@@ -270,6 +277,53 @@ async def test_add_service_rejects_duplicates_and_late_calls() -> None:
     await service.start()
     try:
         with pytest.raises(RuntimeError, match="before start"):
-            service.add_service(chat_pb2_grpc.add_ChatServiceServicer_to_server, Gate())
+            service.add_service(
+                chat_pb2_grpc.add_ChatServiceServicer_to_server,
+                Gate(),  # type: ignore[abstract]
+            )
     finally:
         await service.stop(0)
+
+
+async def test_start_and_stop_hooks_wrap_serving() -> None:
+    events: list[str] = []
+
+    class Recording(rerank_pb2_grpc.RerankServiceServicer):
+        async def Rerank(
+            self, request: rerank_pb2.RerankRequest, context: Context
+        ) -> rerank_pb2.RerankResponse:
+            events.append("call")
+            return rerank_pb2.RerankResponse()
+
+    async def opened() -> None:
+        events.append("start")
+
+    async def closed() -> None:
+        events.append("stop")
+
+    service = MicroService("hooks", config=LOOPBACK)
+    service.add_service(rerank_pb2_grpc.add_RerankServiceServicer_to_server, Recording())
+    service.on_start(opened).on_stop(closed)
+    port = await service.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await rerank_pb2_grpc.RerankServiceStub(channel).Rerank(rerank_request(), timeout=5)
+    await service.stop(0)
+    assert events == ["start", "call", "stop"]
+
+
+async def test_failing_start_hook_fails_start_and_frees_the_port() -> None:
+    async def broken() -> None:
+        raise FileNotFoundError("index directory /nope does not exist")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    service = MicroService("broken", config=ServerConfig(host="127.0.0.1", port=port))
+    service.add_service(rerank_pb2_grpc.add_RerankServiceServicer_to_server, IdentityReranker("a"))
+    service.on_start(broken)
+    with pytest.raises(FileNotFoundError, match="/nope"):
+        await service.start()
+    with pytest.raises(RuntimeError, match="not started"):
+        _ = service.port
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # the failed start released the port

@@ -11,7 +11,9 @@ def test_service_config_balances_checks_health_and_retries() -> None:
     doc = service_config(["opea.v1.RerankService"], ClientConfig(max_attempts=3))
     assert doc["loadBalancingConfig"] == [{"round_robin": {}}]
     assert doc["healthCheckConfig"] == {"serviceName": "opea.v1.RerankService"}
-    (method,) = doc["methodConfig"]  # type: ignore[misc]
+    method_config = doc["methodConfig"]
+    assert isinstance(method_config, list)
+    (method,) = method_config
     assert method["name"] == [{"service": "opea.v1.RerankService", "method": "Rerank"}]
     policy = method["retryPolicy"]
     assert policy["maxAttempts"] == 3

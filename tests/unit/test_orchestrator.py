@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
+from opea_grpc import deadline
 from opea_grpc.errors import GraphError, NodeError, ServiceError
 from opea_grpc.node import REQUEST, Node, NodeStatus
 from opea_grpc.orchestrator import ServiceOrchestrator
@@ -456,6 +457,22 @@ async def test_a_node_gets_no_more_time_than_the_run_has_left() -> None:
     assert info.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
     assert len(received) == 1
     assert 0 < received[0] <= 0.1
+
+
+async def test_calls_a_node_makes_itself_inherit_its_deadline() -> None:
+    seen: list[float | None] = []
+
+    async def local(request: SearchRequest, *, timeout: float) -> SearchResponse:
+        # What a typed client called inside this node would be bounded by.
+        seen.append(deadline.remaining())
+        return SearchResponse()
+
+    pipeline = Pipeline().add(Node("local", local, timeout=0.5))
+    await pipeline.run(SearchRequest(), state=Ask(), timeout=30.0)
+    (left,) = seen
+    assert left is not None
+    assert 0 < left <= 0.5
+    assert deadline.remaining() is None  # the scope ended with the node
 
 
 async def test_a_node_with_no_time_left_is_not_called() -> None:

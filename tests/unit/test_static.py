@@ -27,5 +27,5 @@ def test_ruff_format() -> None:
 
 
 def test_mypy_strict() -> None:
-    result = run("mypy", "opea_grpc", "services", "gateway")
+    result = run("mypy", "opea_grpc", "services", "gateway", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
