@@ -28,8 +28,14 @@ from opea_grpc.server import MicroService
 
 log = logging.getLogger("opea_grpc")
 
-#: Built-in services: name -> ``module:function`` building it from a ServerConfig.
-BUILTIN_SERVICES: Mapping[str, str] = {}
+#: Built-in services: name -> module. Each module has ``DEFAULT_PORT``, a ``Settings`` class
+#: (read from ``OPEA_<NAME>_*``) and ``build(server: ServerConfig, settings) -> MicroService``.
+BUILTIN_SERVICES: Mapping[str, str] = {
+    "embedding": "services.embedding.service",
+    "retrieval": "services.retrieval.service",
+    "rerank": "services.rerank.service",
+    "chat": "services.chat.service",
+}
 
 EXIT_NOT_SERVING = 1
 EXIT_UNREACHABLE = 2
@@ -53,16 +59,31 @@ def _import(spec: str) -> object:
         raise UsageError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
+def build_builtin(
+    name: str, env: Mapping[str, str], flags: Mapping[str, object], backend: str | None
+) -> MicroService:
+    """A built-in service, configured from ``OPEA_*`` and ``OPEA_<NAME>_*`` and the flags."""
+    try:
+        module = importlib.import_module(BUILTIN_SERVICES[name])
+    except ImportError as exc:
+        raise UsageError(f"service {name!r} cannot load: {exc}") from None
+    prefix = f"OPEA_{name.upper()}_"
+    server = load(
+        ServerConfig,
+        env,
+        prefix=("OPEA_", prefix),
+        defaults={"port": module.DEFAULT_PORT},
+        overrides=flags,
+    )
+    settings = load(module.Settings, env, prefix=prefix, overrides={"backend": backend})
+    service = module.build(server, settings)
+    if not isinstance(service, MicroService):
+        raise TypeError(f"{module.__name__}.build returned {type(service).__name__}")
+    return service
+
+
 def build_service(spec: str, config: ServerConfig) -> MicroService:
-    """The MicroService that ``spec`` (a built-in name or ``module:attr``) names."""
-    if ":" not in spec:
-        if spec not in BUILTIN_SERVICES:
-            known = ", ".join(sorted(BUILTIN_SERVICES)) or "none yet"
-            raise UsageError(
-                f"unknown service {spec!r} (built-in: {known}); "
-                "or give MODULE:ATTR naming a MicroService or a function returning one"
-            )
-        spec = BUILTIN_SERVICES[spec]
+    """The MicroService that ``spec`` (``module:attr``) names."""
     target = _import(spec)
     if isinstance(target, MicroService):
         target.config = config
@@ -87,9 +108,19 @@ async def _serve(service: MicroService) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    overrides = {"host": args.host, "port": args.port, "grace": args.grace}
-    config = load(ServerConfig, env, overrides=overrides)
-    asyncio.run(_serve(build_service(args.service, config)))
+    flags = {"host": args.host, "port": args.port, "grace": args.grace}
+    if args.service in BUILTIN_SERVICES:
+        service = build_builtin(args.service, env, flags, args.backend)
+    elif ":" in args.service:
+        if args.backend is not None:
+            raise UsageError("--backend applies to the built-in services only")
+        service = build_service(args.service, load(ServerConfig, env, overrides=flags))
+    else:
+        raise UsageError(
+            f"unknown service {args.service!r} (built-in: {', '.join(BUILTIN_SERVICES)}); "
+            "or give MODULE:ATTR naming a MicroService or a function returning one"
+        )
+    asyncio.run(_serve(service))
     return 0
 
 
@@ -149,6 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (OPEA_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind, 0 for any (OPEA_PORT)")
     serve.add_argument("--grace", type=float, help="seconds to drain calls on stop (OPEA_GRACE)")
+    serve.add_argument("--backend", help="backend of a built-in service (OPEA_<NAME>_BACKEND)")
     serve.set_defaults(run=cmd_serve)
 
     health = sub.add_parser("health", help="check a server's gRPC health; exit 0 when SERVING")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -57,22 +57,27 @@ def load(
     cls: type[T],
     env: Mapping[str, str],
     *,
-    prefix: str = "OPEA_",
+    prefix: str | Sequence[str] = "OPEA_",
+    defaults: Mapping[str, object] | None = None,
     overrides: Mapping[str, object] | None = None,
 ) -> T:
-    """Build settings class ``cls`` from ``env`` (``PREFIX + FIELD``), then ``overrides``.
+    """Build settings class ``cls``: ``defaults``, then ``env``, then ``overrides``.
 
+    A field ``foo`` is read from ``PREFIX + "FOO"``; with several prefixes the later ones win
+    (``("OPEA_", "OPEA_EMBEDDING_")``: a service's own variable beats the shared one).
     Overrides whose value is None are ignored, so unset CLI flags leave the env value in place.
 
     >>> load(ServerConfig, {"OPEA_PORT": "7000"}, overrides={"host": "127.0.0.1"}).port
     7000
     """
+    prefixes = (prefix,) if isinstance(prefix, str) else tuple(prefix)
     hints = typing.get_type_hints(cls)
-    values: dict[str, object] = {}
+    values: dict[str, object] = dict(defaults or {})
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        key = prefix + field.name.upper()
-        if key in env:
-            values[field.name] = _parse(env[key], hints[field.name], key)
+        for p in prefixes:
+            key = p + field.name.upper()
+            if key in env:
+                values[field.name] = _parse(env[key], hints[field.name], key)
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value

@@ -51,3 +51,10 @@ def test_settings_are_frozen() -> None:
 
 def test_ipv6_address() -> None:
     assert ServerConfig(host="::1", port=5).address == "[::1]:5"
+
+
+def test_later_prefix_wins_and_defaults_come_first() -> None:
+    env = {"OPEA_PORT": "7000", "OPEA_EMBEDDING_PORT": "7001", "OPEA_GRACE": "3"}
+    cfg = load(ServerConfig, env, prefix=("OPEA_", "OPEA_EMBEDDING_"), defaults={"port": 50051})
+    assert (cfg.port, cfg.grace) == (7001, 3.0)
+    assert load(ServerConfig, {}, defaults={"port": 50051}).port == 50051
