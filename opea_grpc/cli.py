@@ -96,6 +96,10 @@ def build_service(spec: str, config: ServerConfig) -> MicroService:
 
 
 async def _serve(service: MicroService) -> None:
+    if service.config.blas_threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=service.config.blas_threads)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

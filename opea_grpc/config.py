@@ -112,6 +112,9 @@ class ServerConfig:
     drain_delay: float = 0.0
     #: On stop, seconds in-flight calls get to finish.
     grace: float = 10.0
+    #: Threads numpy's BLAS may use in this process (0: the library's default, one per core).
+    #: One suits several services sharing a machine: idle BLAS threads spin against each other.
+    blas_threads: int = 1
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"OPEA_PORT: {self.port} is not a port (0-65535)")
@@ -123,6 +126,7 @@ class ServerConfig:
         _check(self.health_timeout > 0, "OPEA_HEALTH_TIMEOUT must be positive")
         _check(self.drain_delay >= 0, "OPEA_DRAIN_DELAY must be >= 0")
         _check(self.grace >= 0, "OPEA_GRACE must be >= 0")
+        _check(self.blas_threads >= 0, "OPEA_BLAS_THREADS must be >= 0")
 
     @property
     def address(self) -> str:

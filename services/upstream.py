@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,9 @@ from opea_grpc.errors import ServiceError
 log = logging.getLogger(__name__)
 
 _RETRY_STATUSES = frozenset({429, 503})
+#: Failures where the request never reached the upstream: safe to send again. A read timeout is
+#: not among them: the upstream may still be generating, and a retry would pay for it twice.
+_NOT_DELIVERED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,8 @@ def status_error(response: httpx.Response) -> ServiceError:
         return ServiceError(grpc.StatusCode.NOT_FOUND, text)
     if status == 408:
         return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, text)
+    if status in (401, 403):
+        text += " (the upstream refused this service's credentials: check its API key setting)"
     if 400 <= status < 500:
         return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, text)
     return ServiceError(grpc.StatusCode.UNAVAILABLE, text)
@@ -128,6 +133,10 @@ class Upstream:
             raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for the upstream")
         return seconds
 
+    async def _retry(self, attempt: int, exc: httpx.TransportError) -> bool:
+        """Back off before resending after a transport failure, if it is safe to resend."""
+        return isinstance(exc, _NOT_DELIVERED) and await self._backoff(attempt, None)
+
     async def _backoff(self, attempt: int, response: httpx.Response | None) -> bool:
         """Sleep before the next attempt; False when there is no attempt or time left."""
         if attempt >= self.config.max_retries:
@@ -139,7 +148,7 @@ class Upstream:
             with contextlib.suppress(ValueError):
                 delay = max(delay, float(response.headers.get("retry-after", "")))
         left = deadline.remaining()
-        if left is not None and delay >= left:
+        if delay >= (self.config.timeout if left is None else left):
             return False
         await asyncio.sleep(delay)
         return True
@@ -151,7 +160,7 @@ class Upstream:
             try:
                 response = await self.client.post(path, json=payload, timeout=self._timeout())
             except httpx.TransportError as exc:
-                if not await self._backoff(attempt, None):
+                if not await self._retry(attempt, exc):
                     raise _transport_error(exc, path) from exc
             else:
                 if response.status_code < 400:
@@ -167,7 +176,7 @@ class Upstream:
                     raise status_error(response)
             attempt += 1
 
-    async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncIterator[Any]:
+    async def stream(self, path: str, payload: Mapping[str, Any]) -> AsyncGenerator[Any, None]:
         """POST JSON and yield each server-sent event's JSON data until ``[DONE]``.
 
         Closing the iterator (or cancelling its consumer) closes the HTTP connection at once,
@@ -179,7 +188,7 @@ class Upstream:
             try:
                 response = await self.client.send(request, stream=True)
             except httpx.TransportError as exc:
-                if not await self._backoff(attempt, None):
+                if not await self._retry(attempt, exc):
                     raise _transport_error(exc, path) from exc
                 attempt += 1
                 continue

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import os
+
+# One BLAS thread per process: the suite shares two cores with the services it starts, and
+# OpenBLAS threads that wait on each other there run several times slower than one thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import shutil
 from pathlib import Path
 

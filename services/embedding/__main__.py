@@ -1,0 +1,7 @@
+"""``python -m services.embedding [flags]``: the same as ``opea-grpc serve embedding [flags]``."""
+
+import sys
+
+from opea_grpc.cli import main
+
+raise SystemExit(main(["serve", "embedding", *sys.argv[1:]]))

@@ -1,0 +1,7 @@
+"""``python -m services.rerank [flags]``: the same as ``opea-grpc serve rerank [flags]``."""
+
+import sys
+
+from opea_grpc.cli import main
+
+raise SystemExit(main(["serve", "rerank", *sys.argv[1:]]))

@@ -1,0 +1,7 @@
+"""``python -m services.retrieval [--port P] [--backend B]``: ``opea-grpc serve retrieval``."""
+
+import sys
+
+from opea_grpc.cli import main
+
+raise SystemExit(main(["serve", "retrieval", *sys.argv[1:]]))
