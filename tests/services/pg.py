@@ -33,15 +33,45 @@ from types import TracebackType
 PG_USER = "opea-pg"
 
 
-def _bin_dir() -> Path:
+def _package_dir() -> Path:
     # find_spec locates the package without importing it: its import touches the runtime dir
     spec = importlib.util.find_spec("pgserver")
     if spec is None or spec.origin is None:
         raise ImportError("pgserver is not installed: pip install -e '.[test]'")
-    return Path(spec.origin).resolve().parent / "pginstall" / "bin"
+    return Path(spec.origin).resolve().parent
 
 
-#: The bundled binaries (``pginstall/bin`` inside the pgserver package).
+def _traversable_by_others(path: Path) -> bool:
+    return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents])
+
+
+def _bin_dir() -> Path:
+    """The bundled binaries, where a non-root user can run them.
+
+    A virtualenv inside a private directory (``mktemp -d`` makes them 0700) is out of reach of
+    the server's user; then the binaries and the libraries they load (``pgserver.libs``, found
+    relative to them) are copied once to a world-readable directory under the temp dir.
+    """
+    package = _package_dir()
+    if os.geteuid() != 0 or _traversable_by_others(package):
+        return package / "pginstall" / "bin"
+    site = package.parent
+    stamp = f"{package.stat().st_mtime_ns:x}"
+    shared = Path(tempfile.gettempdir()) / f"opea-pgserver-{stamp}"
+    if not (shared / "pgserver" / "pginstall" / "bin" / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="opea-pgserver-staging-"))
+        shutil.copytree(package / "pginstall", staging / "pgserver" / "pginstall", symlinks=True)
+        if (site / "pgserver.libs").exists():
+            shutil.copytree(site / "pgserver.libs", staging / "pgserver.libs", symlinks=True)
+        os.chmod(staging, 0o755)
+        try:
+            staging.rename(shared)
+        except OSError:  # another process copied it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return shared / "pgserver" / "pginstall" / "bin"
+
+
+#: The bundled binaries (``pginstall/bin`` inside the pgserver package, or a readable copy).
 BIN = _bin_dir()
 #: Server settings for a disposable database: durability off, nothing else changed.
 FAST_SETTINGS: tuple[tuple[str, str], ...] = (
