@@ -86,3 +86,25 @@ async def test_demo_serves_until_interrupted(subprocess_env: dict[str, str], buf
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_every_service_setting_is_documented() -> None:
+    import dataclasses
+    import importlib
+
+    from opea_grpc.cli import BUILTIN_SERVICES
+    from opea_grpc.config import ServerConfig
+
+    missing = [
+        f"OPEA_{field.name.upper()}"
+        for field in dataclasses.fields(ServerConfig)
+        if f"OPEA_{field.name.upper()}" not in README
+    ]
+    for name, module_name in BUILTIN_SERVICES.items():
+        settings = importlib.import_module(module_name).Settings
+        missing += [
+            f"OPEA_{name.upper()}_{field.name.upper()}"
+            for field in dataclasses.fields(settings)
+            if f"OPEA_{name.upper()}_{field.name.upper()}" not in README
+        ]
+    assert missing == [], f"README lacks: {missing}"
