@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import sys
 
 from tests.conftest import ROOT
+from tests.processes import run_cli, served
 
 README = (ROOT / "README.md").read_text()
 
@@ -36,13 +36,8 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 async def test_demo_runs_the_pipeline_once(subprocess_env: dict[str, str]) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "opea_grpc", "demo", "--once",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=subprocess_env,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    text = out.decode()
+    code, text, err = await run_cli(subprocess_env, "demo", "--once")
+    assert code == 0, err
     assert (
         "A: Server reflection lets grpcurl discover services and methods at run time. [1]" in text
     )
@@ -52,25 +47,14 @@ async def test_demo_runs_the_pipeline_once(subprocess_env: dict[str, str]) -> No
 
 
 async def test_demo_serves_until_interrupted(subprocess_env: dict[str, str], buf: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "opea_grpc", "demo", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=subprocess_env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-
-    async def read_target(stdout: asyncio.StreamReader) -> str:
-        while True:
-            line = (await stdout.readline()).decode()
-            assert line, "demo exited before serving"
-            if match := re.match(r"overlap-rerank serving on (\S+);", line):
-                return match.group(1)
-
-    try:
-        target = await asyncio.wait_for(read_target(proc.stdout), 60)
+    serving = re.compile(r"^overlap-rerank serving on (\S+);")
+    async with served(
+        subprocess_env, "-m", "opea_grpc", "demo", "--port", "0", ready=serving
+    ) as demo:
         call = await asyncio.create_subprocess_exec(
             buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge",
             "-d", '{"query": "grpc", "documents": [{"text": "bananas"}, {"text": "grpc here"}]}',
-            f"http://{target}/opea.v1.RerankService/Rerank",
+            f"http://{demo.target}/opea.v1.RerankService/Rerank",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await asyncio.wait_for(call.communicate(), 60)
@@ -80,12 +64,7 @@ async def test_demo_serves_until_interrupted(subprocess_env: dict[str, str], buf
             out.decode().index("grpc here") < out.decode().find("bananas")
             or "bananas" not in out.decode()
         )
-        proc.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await demo.stop(signal.SIGINT) == 0
 
 
 def test_every_service_setting_is_documented() -> None:

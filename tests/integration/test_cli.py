@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import socket
-import sys
 
 import pytest
 
 from opea_grpc.pb.v1 import rerank_pb2_grpc
 from opea_grpc.testing import serve
+from tests.processes import health, run_cli, served
 from tests.replica import IdentityReranker
-
-
-async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "opea_grpc", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 class Flag:
@@ -34,19 +22,19 @@ class Flag:
 async def test_health_probe_exit_codes(subprocess_env: dict[str, str]) -> None:
     ready = Flag()
     adder = rerank_pb2_grpc.add_RerankServiceServicer_to_server
-    async with serve((adder, IdentityReranker("a"), ready)) as served:
-        code, out, _ = await cli(subprocess_env, "health", served.target)
-        assert (code, out.strip()) == (0, f"{served.target} (server): SERVING")
-        code, out, _ = await cli(
-            subprocess_env, "health", served.target, "--service", "opea.v1.RerankService"
+    async with serve((adder, IdentityReranker("a"), ready)) as server:
+        code, out, _ = await run_cli(subprocess_env, "health", server.target)
+        assert (code, out.strip()) == (0, f"{server.target} (server): SERVING")
+        code, out, _ = await run_cli(
+            subprocess_env, "health", server.target, "--service", "opea.v1.RerankService"
         )
         assert code == 0
-        code, _, err = await cli(subprocess_env, "health", served.target, "--service", "x.Nope")
+        code, _, err = await run_cli(subprocess_env, "health", server.target, "--service", "x.Nope")
         assert code == 1
         assert "NOT_FOUND" in err
         ready.value = False
-        await served.service.refresh_health()
-        code, out, _ = await cli(subprocess_env, "health", served.target)
+        await server.service.refresh_health()
+        code, out, _ = await run_cli(subprocess_env, "health", server.target)
         assert code == 1
         assert "NOT_SERVING" in out
 
@@ -55,29 +43,20 @@ async def test_health_probe_unreachable(subprocess_env: dict[str, str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: nothing answers
-        code, _, err = await cli(subprocess_env, "health", f"127.0.0.1:{port}", "--timeout", "1")
+        code, _, err = await run_cli(
+            subprocess_env, "health", f"127.0.0.1:{port}", "--timeout", "1"
+        )
     assert code == 2
     assert "UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err
 
 
 async def test_serve_a_user_module_and_stop_on_sigterm(subprocess_env: dict[str, str]) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "opea_grpc", "serve", "tests.replica:build", "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=subprocess_env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "listening on 127.0.0.1:" in line
-        target = line.rsplit(" ", 1)[1].strip()
-        code, out, _ = await cli(subprocess_env, "health", target)
+    argv = ["-m", "opea_grpc", "serve", "tests.replica:build", "--port", "0"]
+    async with served(subprocess_env, *argv) as child:
+        assert "listening on 127.0.0.1:" in child.line
+        code, out, _ = await health(subprocess_env, child.target)
         assert code == 0, out
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await child.stop() == 0
 
 
 @pytest.mark.parametrize(
@@ -92,7 +71,7 @@ async def test_serve_a_user_module_and_stop_on_sigterm(subprocess_env: dict[str,
 async def test_bad_input_is_a_clear_error(
     subprocess_env: dict[str, str], args: list[str], message: str
 ) -> None:
-    code, _, err = await cli(subprocess_env, *args)
+    code, _, err = await run_cli(subprocess_env, *args)
     assert code == 2
     assert message in err
     assert "Traceback" not in err
@@ -100,6 +79,6 @@ async def test_bad_input_is_a_clear_error(
 
 async def test_bad_environment_is_a_clear_error(subprocess_env: dict[str, str]) -> None:
     env = {**subprocess_env, "OPEA_PORT": "eighty"}
-    code, _, err = await cli(env, "serve", "tests.replica:build")
+    code, _, err = await run_cli(env, "serve", "tests.replica:build")
     assert code == 2
     assert "OPEA_PORT: expected a number" in err

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import signal
-import sys
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 
 import grpc
 import pytest
@@ -16,6 +16,7 @@ from opea_grpc.client import RerankClient
 from opea_grpc.config import ClientConfig, ServerConfig
 from opea_grpc.pb.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
 from opea_grpc.server import MicroService
+from tests.processes import served
 from tests.replica import IdentityReranker
 
 REQUEST = rerank_pb2.RerankRequest(query="q", documents=[common_pb2.Document(id="1", text="one")])
@@ -87,32 +88,12 @@ async def test_not_serving_replica_gets_no_calls_and_rejoins() -> None:
 async def process_replicas(
     subprocess_env: dict[str, str],
 ) -> AsyncIterator[list[tuple[asyncio.subprocess.Process, int]]]:
-    procs: list[tuple[asyncio.subprocess.Process, int]] = []
-    try:
-        for _ in range(2):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "opea_grpc",
-                "serve",
-                "tests.replica:build",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                stdout=asyncio.subprocess.PIPE,
-                env=subprocess_env,
-            )
-            assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
-            assert b"listening on" in line, line
-            procs.append((proc, int(line.rsplit(b":", 1)[1])))
-        yield procs
-    finally:
-        for proc, _ in procs:
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
+    argv = ["-m", "opea_grpc", "serve", "tests.replica:build", "--host", "127.0.0.1", "--port", "0"]
+    async with AsyncExitStack() as stack:
+        replicas = [
+            await stack.enter_async_context(served(subprocess_env, *argv)) for _ in range(2)
+        ]
+        yield [(replica.proc, replica.port) for replica in replicas]
 
 
 async def test_killed_replica_causes_no_failed_call(

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -26,6 +24,7 @@ from services.chat.backend import make_backend
 from services.chat.extractive import NO_ANSWER, NO_CONTEXT, count_tokens
 from services.chat.service import Settings, build
 from tests.openai_fake import FakeOpenAI
+from tests.processes import health, served
 
 BACKENDS = ["extractive", "openai"]
 SERVICE = ChatClient.SERVICE
@@ -414,31 +413,16 @@ def test_bad_settings_name_the_variable(settings: dict[str, object], words: str)
 async def test_python_m_services_chat_serves_and_stops_on_sigterm(
     subprocess_env: dict[str, str],
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.chat", "--port", "0", "--host", "127.0.0.1",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=subprocess_env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "chat listening on 127.0.0.1:" in line
-        target = line.rsplit(" ", 1)[1].strip()
-        probe = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "opea_grpc", "health", target, "--service", SERVICE,
-            stdout=asyncio.subprocess.PIPE, env=subprocess_env,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(probe.communicate(), 30)
-        assert probe.returncode == 0, out
-        channel = connect(target, [SERVICE])
+    argv = ["-m", "services.chat", "--port", "0", "--host", "127.0.0.1"]
+    async with served(subprocess_env, *argv) as child:
+        assert "chat listening on 127.0.0.1:" in child.line
+        probe = await health(subprocess_env, child.target, SERVICE)
+        assert probe.code == 0, probe
+        channel = connect(child.target, [SERVICE])
         try:
             response = await ChatClient(channel).chat(chat_request())
         finally:
             await channel.close(None)
         assert response.model == "extractive-answerer"
         assert "The Eiffel Tower was completed in 1889. [1]" in response.message.content
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await child.stop() == 0

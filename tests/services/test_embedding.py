@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -30,6 +28,7 @@ from services.embedding.hashing import HashingEmbedder
 from services.embedding.minilm import INSTALL, MiniLMEmbedder
 from services.embedding.service import Settings, build
 from services.embedding.servicer import EmbeddingServicer
+from tests import processes
 from tests.openai_fake import FakeOpenAI, fake_vector
 
 # One event loop for the module, so that the contract suite can share one running service per
@@ -446,31 +445,16 @@ async def test_openai_vectors_of_an_unexpected_size_are_refused(fake: FakeOpenAI
 async def test_python_m_services_embedding_serves_minilm_and_stops_on_sigterm(
     subprocess_env: dict[str, str],
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.embedding", "--port", "0", "--host", "127.0.0.1",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=subprocess_env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        assert "embedding listening on 127.0.0.1:" in line
-        target = line.rsplit(" ", 1)[1].strip()
-        probe = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "opea_grpc", "health", target, "--service", SERVICE,
-            stdout=asyncio.subprocess.PIPE, env=subprocess_env,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(probe.communicate(), 30)
-        assert probe.returncode == 0, out
-        channel = connect(target, [SERVICE])
+    argv = ["-m", "services.embedding", "--port", "0", "--host", "127.0.0.1"]
+    async with processes.served(subprocess_env, *argv) as child:
+        assert "embedding listening on 127.0.0.1:" in child.line
+        probe = await processes.health(subprocess_env, child.target, SERVICE)
+        assert probe.code == 0, probe
+        channel = connect(child.target, [SERVICE])
         try:
             response = await EmbeddingClient(channel).embed(request(["hello"]))
         finally:
             await channel.close(None)
         assert (response.model, len(response.data[0].embedding)) == (MINILM, 384)
         assert response.usage.total_tokens == 3
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await child.stop() == 0

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -27,6 +25,7 @@ from services.rerank import bm25
 from services.rerank.backend import make_backend
 from services.rerank.service import Settings, build
 from tests.openai_fake import FakeOpenAI
+from tests.processes import health, served
 
 BACKENDS = ["lexical", "openai-cohere", "openai-tei"]
 SERVICE = RerankClient.SERVICE
@@ -345,30 +344,15 @@ def test_bad_settings_name_the_variable(settings: dict[str, object], words: str)
 async def test_python_m_services_rerank_serves_and_stops_on_sigterm(
     subprocess_env: dict[str, str],
 ) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.rerank", "--port", "0", "--host", "127.0.0.1",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=subprocess_env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        assert "rerank listening on 127.0.0.1:" in line
-        target = line.rsplit(" ", 1)[1].strip()
-        probe = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "opea_grpc", "health", target, "--service", SERVICE,
-            stdout=asyncio.subprocess.PIPE, env=subprocess_env,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(probe.communicate(), 30)
-        assert probe.returncode == 0, out
-        channel = connect(target, [SERVICE])
+    argv = ["-m", "services.rerank", "--port", "0", "--host", "127.0.0.1"]
+    async with served(subprocess_env, *argv) as child:
+        assert "rerank listening on 127.0.0.1:" in child.line
+        probe = await health(subprocess_env, child.target, SERVICE)
+        assert probe.code == 0, probe
+        channel = connect(child.target, [SERVICE])
         try:
             response = await RerankClient(channel).rerank(rerank_request(top_n=1))
         finally:
             await channel.close(None)
         assert (response.model, response.results[0].index) == ("bm25-rrf", 3)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await child.stop() == 0

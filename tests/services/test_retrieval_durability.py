@@ -12,59 +12,31 @@ then probed with ``opea-grpc health`` and stopped with SIGTERM, which must exit 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import re
 import signal
-import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 
 from opea_grpc.channel import connect
 from opea_grpc.client import RetrievalClient
 from opea_grpc.config import ClientConfig
 from opea_grpc.pb.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from tests.processes import Served, health, served
 
 DIM = 8
 BATCH = 50
 WRITERS = 4
 KILL_AFTER = 1000  # acknowledged documents
-LISTENING = re.compile(r"listening on ([\d.]+):(\d+)")
 NO_RETRY = ClientConfig(max_attempts=1, health_check=False)
 
 
-@dataclass
-class Proc:
-    process: asyncio.subprocess.Process
-    target: str
-
-
-@contextlib.asynccontextmanager
-async def retrieval_process(env: dict[str, str], log: Path) -> AsyncIterator[Proc]:
-    with log.open("ab") as err:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.retrieval",
-            "--port", "0", "--host", "127.0.0.1", "--backend", "local",
-            stdout=asyncio.subprocess.PIPE, stderr=err, env=env,
-        )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        while True:
-            line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode()
-            if not line:
-                pytest.fail("the service exited before listening: see " + str(log))
-            if found := LISTENING.search(line):
-                break
-        yield Proc(process, f"{found[1]}:{found[2]}")
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+def retrieval_process(env: dict[str, str], log: Path) -> AbstractAsyncContextManager[Served]:
+    """The local retrieval service as a process, its stderr appended to ``log``."""
+    argv = ["-m", "services.retrieval", "--port", "0", "--host", "127.0.0.1", "--backend", "local"]
+    return served(env, *argv, stderr=log)
 
 
 def batch(writer: int, number: int, rng: np.random.Generator) -> list[common_pb2.Document]:
@@ -108,12 +80,12 @@ async def test_acknowledged_upserts_survive_sigkill(
                 assert reply.upserted_count == BATCH
                 acked.update(d.id for d in docs)
                 if len(acked) >= KILL_AFTER and not killed.is_set():
-                    os.kill(proc.process.pid, signal.SIGKILL)  # right after this acknowledgement
+                    os.kill(proc.pid, signal.SIGKILL)  # right after this acknowledgement
                     killed.set()
                 number += 1
 
         await asyncio.gather(*(write(w) for w in range(WRITERS)))
-        assert await proc.process.wait() == -signal.SIGKILL
+        assert await proc.proc.wait() == -signal.SIGKILL
         await channel.close(None)
 
     async with retrieval_process(env, log) as proc:
@@ -132,16 +104,10 @@ async def test_acknowledged_upserts_survive_sigkill(
             f"batch {n}" for n in range(len(batches))
         }
 
-        health = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "opea_grpc", "health", proc.target,
-            "--service", RetrievalClient.SERVICE,
-            stdout=asyncio.subprocess.PIPE, env=subprocess_env,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(health.communicate(), 60)
-        assert health.returncode == 0, out
-        assert b"SERVING" in out
+        code, out, _ = await health(subprocess_env, proc.target, RetrievalClient.SERVICE)
+        assert code == 0, out
+        assert "SERVING" in out
         await channel.close(None)
 
-        proc.process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.process.wait(), 60) == 0
+        assert await proc.stop() == 0
     assert "Traceback" not in log.read_text()

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
-import sys
 from collections.abc import AsyncIterator
 
 import asyncpg  # type: ignore[import-untyped]
@@ -31,6 +29,7 @@ from opea_grpc.pb.v1 import retrieval_pb2
 from services.retrieval.backend import JSON, Condition, Op, Record, make_backend, matches
 from services.retrieval.pgvector import PgvectorBackend, where_sql
 from services.retrieval.service import Settings, build
+from tests.processes import health, served
 from tests.services.pg import PostgresServer
 from tests.services.test_retrieval import *  # noqa: F403  (the contract tests, collected here)
 from tests.services.test_retrieval import (
@@ -403,23 +402,12 @@ async def test_python_m_services_retrieval_on_pgvector(
     postgres: PostgresServer, subprocess_env: dict[str, str]
 ) -> None:
     env = {**subprocess_env, "OPEA_RETRIEVAL_DSN": postgres.dsn, "OPEA_RETRIEVAL_POOL_SIZE": "2"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.retrieval", "--port", "0", "--host", "127.0.0.1",
-        "--backend", "pgvector",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        assert "retrieval listening on 127.0.0.1:" in line
-        target = line.rsplit(" ", 1)[1].strip()
-        probe = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "opea_grpc", "health", target, "--service", SERVICE,
-            stdout=asyncio.subprocess.PIPE, env=subprocess_env,
-        )  # fmt: skip
-        out, _ = await asyncio.wait_for(probe.communicate(), 60)
-        assert probe.returncode == 0, out
-        channel = connect(target, [SERVICE], NO_RETRY)
+    argv = ["-m", "services.retrieval", "--port", "0", "--host", "127.0.0.1"]
+    async with served(env, *argv, "--backend", "pgvector") as child:
+        assert "retrieval listening on 127.0.0.1:" in child.line
+        probe = await health(subprocess_env, child.target, SERVICE)
+        assert probe.code == 0, probe
+        channel = connect(child.target, [SERVICE], NO_RETRY)
         try:
             r = Retrieval(None, RetrievalClient(channel), channel, Settings())  # type: ignore[arg-type]
             await upsert(r, doc("p", X, "from a process"), collection="proc")
@@ -427,9 +415,4 @@ async def test_python_m_services_retrieval_on_pgvector(
             await r.client.delete_collection("proc")
         finally:
             await channel.close(None)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 60) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        assert await child.stop() == 0
