@@ -20,10 +20,11 @@ each one):
   - ``vector`` only: dense ranking, ``score`` = cosine similarity (in [-1, 1]).
   - ``query`` only: lexical ranking (BM25 or the engine's nearest equivalent), ``score`` > 0,
     higher is better; documents sharing no term with the query are not returned.
-  - both: hybrid; each list's best ``max(top_k * 4, hybrid_candidates)`` candidates are fused by
-    reciprocal rank fusion, ``score = sum(1 / (rrf_k + rank))`` with 1-based ranks.
-  - ``score_threshold`` drops hits whose final score is below it (a cosine in dense mode, an RRF
-    score in hybrid mode).
+  - both: hybrid; each list's best ``max(top_k * 4, hybrid_candidates)`` candidates are fused
+    by :func:`services.retrieval.fusion.hybrid` (``fusion``: weighted z-scores by default, or
+    reciprocal rank fusion ``score = sum(1 / (rrf_k + rank))`` with 1-based ranks).
+  - ``score_threshold`` drops hits whose final score is below it (a cosine in dense mode, the
+    fused score in hybrid mode).
   - Hits come best first; equal scores in id order. Deleted or replaced documents never appear.
 - **Delete** removes the union of ``ids`` and the documents matching ``conditions`` (when there
   are any conditions; the servicer refuses a delete with neither) and returns how many existed.

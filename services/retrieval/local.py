@@ -34,6 +34,7 @@ import numpy as np
 
 from opea_grpc.config import ConfigError
 from opea_grpc.errors import ServiceError
+from services.retrieval import fusion
 from services.retrieval.backend import (
     JSON,
     CollectionInfo,
@@ -44,7 +45,6 @@ from services.retrieval.backend import (
     unknown_collection,
     wrong_dimension,
 )
-from services.retrieval.fusion import rrf
 from services.retrieval.graphs import Graphs
 from services.retrieval.index import AnnParams, CollectionIndex, normalise
 from services.retrieval.store import Store
@@ -205,7 +205,15 @@ class LocalBackend:
             found = self._store.lexical(entry.cid, query, limit)
             lexical = [(s, b) for s, b in found if view.row_of(s, allowed) is not None][:want]
         if hybrid:
-            ranked = rrf([[s for s, _ in dense], [s for s, _ in lexical]], k=self._settings.rrf_k)
+            settings = self._settings
+            ranked = fusion.hybrid(
+                dense,
+                lexical,
+                method=settings.fusion,
+                rrf_k=settings.rrf_k,
+                dense_weight=settings.dense_weight,
+                lexical_complete=len(lexical) < want,
+            )
         else:
             ranked = dense or lexical
         if score_threshold is not None:

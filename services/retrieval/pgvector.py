@@ -61,7 +61,7 @@ from services.retrieval.backend import (
     wrong_dimension,
 )
 from services.retrieval.filters import LISTED, ORDERED, Condition, Op
-from services.retrieval.fusion import rrf
+from services.retrieval.fusion import hybrid
 
 if TYPE_CHECKING:
     from services.retrieval.service import Settings
@@ -554,7 +554,15 @@ class PgvectorBackend:
                 self._lexical(collection, query, n, conditions),
             )
             by_id = {h.id: h for h in (*dense, *lexical)}
-            fused = rrf([[h.id for h in dense], [h.id for h in lexical]], k=self._settings.rrf_k)
+            settings = self._settings
+            fused = hybrid(
+                [(h.id, h.score) for h in dense],
+                [(h.id, h.score) for h in lexical],
+                method=settings.fusion,
+                rrf_k=settings.rrf_k,
+                dense_weight=settings.dense_weight,
+                lexical_complete=len(lexical) < n,
+            )
             hits = _best_first(
                 [Hit(by_id[i].id, by_id[i].text, by_id[i].metadata, score) for i, score in fused]
             )

@@ -13,6 +13,7 @@ from opea_grpc.config import ConfigError, ServerConfig
 from opea_grpc.pb.v1 import retrieval_pb2_grpc
 from opea_grpc.server import MicroService, ServiceType
 from services.retrieval.backend import BACKENDS, make_backend
+from services.retrieval.fusion import METHODS
 from services.retrieval.servicer import RetrievalServicer
 
 DEFAULT_PORT = 50052
@@ -36,9 +37,13 @@ class Settings:
     max_top_k: int = 1000
     #: Most documents in one Upsert.
     max_batch: int = 1024
-    #: Hybrid search fuses each list's best ``max(4 * top_k, hybrid_candidates)`` by RRF ...
+    #: Hybrid search fuses each list's best ``max(4 * top_k, hybrid_candidates)`` ...
     hybrid_candidates: int = 50
-    #: ... with this constant k: ``score = sum(1 / (rrf_k + rank))``.
+    #: ... by ``zscore`` (weighted standardised scores) or ``rrf`` (reciprocal rank fusion).
+    fusion: str = "zscore"
+    #: zscore: the dense list's weight; the lexical list gets the rest.
+    dense_weight: float = 0.5
+    #: rrf: the constant k of ``score = sum(1 / (rrf_k + rank))``.
     rrf_k: int = 60
     # -- local ---------------------------------------------------------------------------------
     #: Directory of the local index (created if missing).
@@ -70,6 +75,11 @@ class Settings:
         _check(self.max_batch >= 1, "OPEA_RETRIEVAL_MAX_BATCH must be >= 1")
         _check(self.hybrid_candidates >= 1, "OPEA_RETRIEVAL_HYBRID_CANDIDATES must be >= 1")
         _check(self.rrf_k >= 1, "OPEA_RETRIEVAL_RRF_K must be >= 1")
+        _check(
+            self.fusion in METHODS,
+            f"OPEA_RETRIEVAL_FUSION must be one of {', '.join(METHODS)}, got {self.fusion!r}",
+        )
+        _check(0 <= self.dense_weight <= 1, "OPEA_RETRIEVAL_DENSE_WEIGHT must be within 0..1")
         _check(bool(self.data_dir), "OPEA_RETRIEVAL_DATA_DIR must be set")
         _check(self.ann_threshold >= 0, "OPEA_RETRIEVAL_ANN_THRESHOLD must be >= 0")
         _check(self.ann_connectivity >= 2, "OPEA_RETRIEVAL_ANN_CONNECTIVITY must be >= 2")

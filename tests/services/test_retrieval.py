@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,10 @@ class Retrieval:
     settings: Settings
 
 
-@pytest.fixture
-async def retrieval(backend_settings: Settings) -> AsyncIterator[Retrieval]:
-    service = build(ServerConfig(host="127.0.0.1", port=0), backend_settings)
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Retrieval]:
+    """The service over ``settings``, serving, with every collection dropped."""
+    service = build(ServerConfig(host="127.0.0.1", port=0), settings)
     await service.start()
     channel = connect(service.target, [SERVICE], NO_RETRY)
     try:
@@ -75,10 +77,16 @@ async def retrieval(backend_settings: Settings) -> AsyncIterator[Retrieval]:
         client = RetrievalClient(channel)
         for collection in (await client.list_collections()).collections:
             await client.delete_collection(collection.name)
-        yield Retrieval(service, client, channel, backend_settings)
+        yield Retrieval(service, client, channel, settings)
     finally:
         await channel.close(None)
         await service.stop(0)
+
+
+@pytest.fixture
+async def retrieval(backend_settings: Settings) -> AsyncIterator[Retrieval]:
+    async with running(backend_settings) as r:
+        yield r
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -266,12 +274,29 @@ async def seed_hybrid(r: Retrieval) -> None:
 
 async def test_hybrid_beats_dense_when_the_word_decides(retrieval: Retrieval) -> None:
     await seed_hybrid(retrieval)
-    dense = await search(retrieval, vector=Q, top_k=2)
-    assert ids(dense) == ["decoy", "answer"]
+    dense = await search(retrieval, vector=Q, top_k=5)
+    assert ids(dense)[:2] == ["decoy", "answer"]
     hybrid = await search(retrieval, vector=Q, query="zeppelin", top_k=2)
     assert ids(hybrid) == ["answer", "decoy"]
-    # reciprocal rank fusion, k = 60: answer is 2nd dense and 1st lexical, decoy 1st dense only
-    k = retrieval.settings.rrf_k
+    # z-score fusion, equal weights, over the 5 candidates: only "answer" has the word, so its
+    # lexical z-score is 2 and every other one -0.5 (whatever the engine's score scale).
+    cosine = {h.document.id: h.score for h in dense}
+    values = [cosine[i] for i, _, _ in HYBRID_DOCS]
+    mean = sum(values) / 5
+    spread = (sum((v - mean) ** 2 for v in values) / 5) ** 0.5
+    z = {i: (cosine[i] - mean) / spread for i, _, _ in HYBRID_DOCS}
+    assert hybrid[0].score == pytest.approx(0.5 * z["answer"] + 0.5 * 2.0, rel=1e-4)
+    assert hybrid[1].score == pytest.approx(0.5 * z["decoy"] + 0.5 * -0.5, rel=1e-4)
+
+
+async def test_hybrid_by_reciprocal_rank_fusion(backend_settings: Settings) -> None:
+    settings = dataclasses.replace(backend_settings, fusion="rrf")
+    async with running(settings) as retrieval:
+        await seed_hybrid(retrieval)
+        hybrid = await search(retrieval, vector=Q, query="zeppelin", top_k=2)
+    assert ids(hybrid) == ["answer", "decoy"]
+    # k = 60: answer is 2nd dense and 1st lexical, decoy 1st dense only
+    k = settings.rrf_k
     assert hybrid[0].score == pytest.approx(1 / (k + 2) + 1 / (k + 1), rel=1e-5)
     assert hybrid[1].score == pytest.approx(1 / (k + 1), rel=1e-5)
 
