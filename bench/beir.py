@@ -1,11 +1,11 @@
 """Retrieval quality through the running services: embedding -> retrieval -> rerank on BEIR data.
 
-    python bench/beir.py ../shared/data/scifact [--split train] [--rerank-depth 100]
+    python bench/beir.py ../shared/data/scifact [--split train] [--rerank-depth 10,100]
 
 Reads a BEIR-format directory (corpus.jsonl[.gz], queries.jsonl, qrels/SPLIT.tsv), ingests the
 corpus through the embedding and retrieval services (Embed, then Upsert), then for each judged
-query embeds it, searches (dense only, and hybrid with the query text), reranks the hybrid
-candidates, and prints nDCG@10 and recall@100 for each stage. By default it starts the three
+query embeds it, searches (dense only, and hybrid with the query text), reranks the best 10
+and 100 candidates of each, and prints nDCG@10 and recall@100 for every stage. By default it starts the three
 services in this process with their embedded defaults on loopback ports; ``--embedding``,
 ``--retrieval`` and ``--rerank`` point it at running ones instead.
 """
@@ -145,8 +145,19 @@ async def evaluate(args: argparse.Namespace) -> None:
         reranker = RerankClient(channels.get(targets[2], [RerankClient.SERVICE]))
 
         await ingest(corpus, embedder, index, args.collection, args.batch)
-        scores: dict[str, list[tuple[float, float]]] = {"dense": [], "hybrid": [], "rerank": []}
+        depths = sorted({int(d) for d in args.rerank_depth.split(",")})
+        labels = {"dense": "dense (MiniLM)"}
+        labels |= {f"dense+{d}": f"dense + rerank top {d}" for d in depths}
+        labels["hybrid"] = "hybrid (dense + BM25)"
+        labels |= {f"hybrid+{d}": f"hybrid + rerank top {d}" for d in depths}
+        scores: dict[str, list[tuple[float, float]]] = {name: [] for name in labels}
         limit = asyncio.Semaphore(args.concurrency)
+
+        async def reranked(text: str, ranked: list[common_pb2.Document], depth: int) -> list[str]:
+            reply = await reranker.rerank(
+                rerank_pb2.RerankRequest(query=text, documents=ranked[:depth])
+            )
+            return [r.document.id for r in reply.results] + [d.id for d in ranked[depth:]]
 
         async def one(qid: str, text: str) -> None:
             async with limit:
@@ -161,20 +172,14 @@ async def evaluate(args: argparse.Namespace) -> None:
                         collection=args.collection, vector=vector.embedding, query=text, top_k=100
                     )
                 )
-                depth = [d.document for d in hybrid.documents[: args.rerank_depth]]
-                reranked = await reranker.rerank(
-                    rerank_pb2.RerankRequest(query=text, documents=depth)
-                )
+                runs: dict[str, list[str]] = {}
+                for name, found in (("dense", dense), ("hybrid", hybrid)):
+                    docs = [d.document for d in found.documents]
+                    runs[name] = [d.id for d in docs]
+                    for d in depths:
+                        runs[f"{name}+{d}"] = await reranked(text, docs, d)
             relevant = qrels[qid]
-            for name, ranked in (
-                ("dense", [d.document.id for d in dense.documents]),
-                ("hybrid", [d.document.id for d in hybrid.documents]),
-                (
-                    "rerank",
-                    [r.document.id for r in reranked.results]
-                    + [d.document.id for d in hybrid.documents[args.rerank_depth :]],
-                ),
-            ):
+            for name, ranked in runs.items():
                 scores[name].append(
                     (ndcg_at(ranked, relevant, 10), recall_at(ranked, relevant, 100))
                 )
@@ -185,11 +190,6 @@ async def evaluate(args: argparse.Namespace) -> None:
 
     print(f"{len(judged)} queries in {elapsed:.1f} s ({len(judged) / elapsed:.1f} queries/s)")
     print(f"{'stage':<30}{'nDCG@10':>10}{'recall@100':>12}")
-    labels = {
-        "dense": "dense (MiniLM)",
-        "hybrid": "hybrid (dense + BM25, RRF)",
-        "rerank": f"hybrid + rerank top {args.rerank_depth}",
-    }
     for name, values in scores.items():
         ndcg = sum(v[0] for v in values) / len(values)
         recall = sum(v[1] for v in values) / len(values)
@@ -201,7 +201,9 @@ def main() -> None:
     parser.add_argument("data", help="BEIR-format directory")
     parser.add_argument("--split", default="train")
     parser.add_argument("--collection", default="beir")
-    parser.add_argument("--rerank-depth", type=int, default=100)
+    parser.add_argument(
+        "--rerank-depth", default="10,100", help="candidates sent to rerank (comma-separated)"
+    )
     parser.add_argument("--batch", type=int, default=64, help="documents per ingest call")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N queries")
