@@ -5,9 +5,9 @@
 Reads a BEIR-format directory (corpus.jsonl[.gz], queries.jsonl, qrels/SPLIT.tsv), ingests the
 corpus through the embedding and retrieval services (Embed, then Upsert), then for each judged
 query embeds it, searches (dense only, and hybrid with the query text), reranks the best 10
-and 100 candidates of each, and prints nDCG@10 and recall@100 for every stage. By default it starts the three
-services in this process with their embedded defaults on loopback ports; ``--embedding``,
-``--retrieval`` and ``--rerank`` point it at running ones instead.
+and 100 candidates of each, and prints nDCG@10 and recall@100 for every stage. By default it
+starts the three services in this process with their embedded defaults on loopback ports;
+``--embedding``, ``--retrieval`` and ``--rerank`` point it at running ones instead.
 """
 
 from __future__ import annotations
