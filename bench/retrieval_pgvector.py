@@ -11,11 +11,17 @@ then one client searches sequentially (concurrency 1), ``top_k`` 10, in four mod
 - ``filter 1%``: the vector and ``pct == 0`` (one in a hundred matches);
 - ``hybrid``: the vector and two words of text (dense + lexical, fused by RRF).
 
+Vectors and texts are synthetic unless ``--vectors`` / ``--queries`` give ``.npy`` files of
+real ones (e.g. MiniLM embeddings of a corpus; the first ``--n`` rows are loaded), with
+``--texts`` / ``--query-texts`` (one per line, aligned with the vectors) for hybrid search.
+
 Reported per mode: client-side p50/p95 latency, recall@10 against exact search (numpy), and CPU
 per search of the service process (plus, for pgvector, of the PostgreSQL processes).
 
-    python bench/retrieval_pgvector.py [--n 100000] [--dim 384] [--queries 300]
+    python bench/retrieval_pgvector.py [--n 100000] [--dim 384] [--queries-count 300]
                                        [--backends local,pgvector] [--dsn postgresql://...]
+    python bench/retrieval_pgvector.py --vectors corpus.npy --queries queries.npy
+                                       [--texts corpus.txt] [--query-texts queries.txt]
 """
 
 from __future__ import annotations
@@ -56,9 +62,9 @@ CLIENT = ClientConfig(max_attempts=1, health_check=False, timeout=120)
 @dataclass(frozen=True)
 class Corpus:
     vectors: np.ndarray  # (n, dim) float32
-    words: list[list[str]]
+    texts: list[str]
     queries: np.ndarray  # (q, dim) float32
-    query_words: list[str]
+    query_texts: list[str]
 
 
 def make_corpus(n: int, dim: int, queries: int, seed: int = 0) -> Corpus:
@@ -74,7 +80,41 @@ def make_corpus(n: int, dim: int, queries: int, seed: int = 0) -> Corpus:
     vocab = [f"w{i}" for i in range(5000)]
     words = [[vocab[j] for j in rng.integers(0, len(vocab), 8)] for _ in range(n)]
     query_words = [f"{words[p][0]} {vocab[rng.integers(0, len(vocab))]}" for p in picks]
-    return Corpus(vectors, words, query_vectors, query_words)
+    return Corpus(vectors, [" ".join(w) for w in words], query_vectors, query_words)
+
+
+def lines(path: str, count: int) -> list[str]:
+    with open(path, encoding="utf-8") as stream:
+        out = [line.rstrip("\n") for _, line in zip(range(count), stream, strict=False)]
+    if len(out) < count:
+        raise SystemExit(f"{path}: {len(out)} lines, {count} needed (one per vector)")
+    return out
+
+
+def load_corpus(args: argparse.Namespace) -> Corpus:
+    """``--vectors`` / ``--queries`` (and their texts), or the synthetic corpus."""
+    if not args.vectors:
+        if args.queries or args.texts or args.query_texts:
+            raise SystemExit("--queries, --texts and --query-texts need --vectors")
+        return make_corpus(args.n, args.dim, args.queries_count)
+    if not args.queries:
+        raise SystemExit("--vectors needs --queries (a .npy of query vectors)")
+    vectors = np.load(args.vectors, mmap_mode="r")[: args.n].astype(np.float32)
+    queries = np.load(args.queries)[: args.queries_count].astype(np.float32)
+    if vectors.ndim != 2 or queries.ndim != 2 or queries.shape[1] != vectors.shape[1]:
+        raise SystemExit(f"shapes {vectors.shape} and {queries.shape}: expected (n, d), (q, d)")
+    synthetic = synthetic_words(len(vectors), len(queries))
+    texts = lines(args.texts, len(vectors)) if args.texts else synthetic[0]
+    query_texts = lines(args.query_texts, len(queries)) if args.query_texts else synthetic[1]
+    return Corpus(vectors, texts, queries, query_texts)
+
+
+def synthetic_words(n: int, queries: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Texts of 8 words and two-word queries, for real vectors given without texts."""
+    rng = np.random.default_rng(seed)
+    vocab = np.array([f"w{i}" for i in range(5000)])
+    texts = [" ".join(row) for row in vocab[rng.integers(0, len(vocab), (n, 8))]]
+    return texts, [" ".join(row) for row in vocab[rng.integers(0, len(vocab), (queries, 2))]]
 
 
 def exact_top(corpus: Corpus, allowed: np.ndarray) -> list[set[str]]:
@@ -93,7 +133,7 @@ def documents(corpus: Corpus, start: int, stop: int) -> list[common_pb2.Document
     docs = []
     for i in range(start, stop):
         d = common_pb2.Document(
-            id=f"d{i}", text=" ".join(corpus.words[i]), embedding=corpus.vectors[i].tolist()
+            id=f"d{i}", text=corpus.texts[i], embedding=corpus.vectors[i].tolist()
         )
         d.metadata.update({"half": i % 2, "pct": i % 100})
         docs.append(d)
@@ -193,7 +233,7 @@ def modes(corpus: Corpus) -> list[Mode]:
         Mode("dense", lambda i: req(i), exact_top(corpus, np.ones(n, dtype=bool))),
         Mode("filter 50%", lambda i: req(i, filter=half), exact_top(corpus, ids % 2 == 0)),
         Mode("filter 1%", lambda i: req(i, filter=pct), exact_top(corpus, ids % 100 == 0)),
-        Mode("hybrid", lambda i: req(i, query=corpus.query_words[i]), None),
+        Mode("hybrid", lambda i: req(i, query=corpus.query_texts[i]), None),
     ]
 
 
@@ -282,7 +322,7 @@ async def run_backend(
             return service.cpu() + postgres_cpu(pg)
 
         for mode in modes(corpus):
-            results[mode.name] = await measure(client, mode, args.queries, cpu)
+            results[mode.name] = await measure(client, mode, len(corpus.queries), cpu)
         await client.delete_collection(COLLECTION)
         return results
     finally:
@@ -309,13 +349,20 @@ async def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=384)
-    parser.add_argument("--queries", type=int, default=300)
+    parser.add_argument("--queries-count", type=int, default=300, help="searches per mode")
+    parser.add_argument("--vectors", help=".npy (n x dim) of real document vectors")
+    parser.add_argument("--queries", help=".npy (q x dim) of real query vectors")
+    parser.add_argument("--texts", help="document texts, one per line, aligned with --vectors")
+    parser.add_argument("--query-texts", help="query texts, one per line, aligned with --queries")
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--backends", default="local,pgvector")
     parser.add_argument("--dsn", default="", help="an existing PostgreSQL; default: start one")
     args = parser.parse_args(argv)
-    corpus = make_corpus(args.n, args.dim, args.queries)
-    print(f"{args.n} documents x {args.dim} dimensions, {args.queries} searches per mode, top 10")
+    if args.queries is not None and args.queries.isdigit():
+        parser.error("--queries is now a .npy of query vectors; the count is --queries-count")
+    corpus = load_corpus(args)
+    (n, dim), q = corpus.vectors.shape, len(corpus.queries)
+    print(f"{n} documents x {dim} dimensions, {q} searches per mode, top 10")
     for backend in args.backends.split(","):
         if backend == "pgvector" and not args.dsn:
             with PostgresServer(settings=()) as pg:  # durable settings, as in production

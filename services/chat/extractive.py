@@ -25,8 +25,8 @@ import asyncio
 import re
 from collections.abc import AsyncGenerator, Sequence
 
+from services import bm25
 from services.chat.backend import Completion, Delta, Finish, Prompt, TokenUsage
-from services.rerank import bm25
 
 MODEL = "extractive-answerer"
 NO_CONTEXT = "I have no context passages to answer from."

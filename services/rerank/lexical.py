@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from services.rerank import bm25
+from services import bm25
 from services.rerank.backend import Ranked, Ranking
 
 MODEL = "bm25-rrf"

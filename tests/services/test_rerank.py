@@ -21,7 +21,7 @@ from opea_grpc.config import ClientConfig, ConfigError, ServerConfig
 from opea_grpc.pb.v1 import common_pb2, rerank_pb2
 from opea_grpc.retry import RetryBudget
 from opea_grpc.testing import wait_for_serving
-from services.rerank import bm25
+from services import bm25
 from services.rerank.backend import make_backend
 from services.rerank.service import Settings, build
 from tests.openai_fake import FakeOpenAI

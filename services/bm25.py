@@ -1,4 +1,4 @@
-"""BM25 (Okapi) over a small set of passages, and the text analysis it rests on.
+"""BM25 (Okapi) over a small set of passages, and the text analysis it rests on (rerank, chat).
 
 Analysis: lowercase words (runs of letters and digits), a short English stopword list dropped,
 a light suffix stemmer (plurals, -ing, -ed, -ly, a final -e) so that "indexes", "indexed" and
