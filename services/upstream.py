@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import httpx
@@ -86,6 +86,34 @@ def _transport_error(exc: httpx.TransportError, url: str) -> ServiceError:
     if isinstance(exc, httpx.TimeoutException):
         return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"upstream {url} timed out")
     return ServiceError(grpc.StatusCode.UNAVAILABLE, f"upstream {url} unreachable: {exc!r}")
+
+
+class UpstreamSettings(Protocol):
+    """The fields a service's settings carry for an upstream (``OPEA_<NAME>_BASE_URL`` ...)."""
+
+    @property
+    def base_url(self) -> str: ...
+    @property
+    def api_key(self) -> str: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def max_retries(self) -> int: ...
+    @property
+    def backoff(self) -> float: ...
+
+
+def upstream_for(settings: UpstreamSettings) -> Upstream:
+    """The client for the upstream that ``settings`` describe."""
+    return Upstream(
+        UpstreamConfig(
+            base_url=settings.base_url,
+            api_key=settings.api_key,
+            timeout=settings.timeout,
+            max_retries=settings.max_retries,
+            backoff=settings.backoff,
+        )
+    )
 
 
 class Upstream:

@@ -122,17 +122,9 @@ def make_backend(settings: Settings) -> ChatBackend:
             )
         case "openai":
             from services.chat.openai import UpstreamChat
-            from services.upstream import Upstream, UpstreamConfig
+            from services.upstream import upstream_for
 
-            upstream = Upstream(
-                UpstreamConfig(
-                    base_url=settings.base_url,
-                    api_key=settings.api_key,
-                    timeout=settings.timeout,
-                    max_retries=settings.max_retries,
-                    backoff=settings.backoff,
-                )
-            )
+            upstream = upstream_for(settings)
             return UpstreamChat(
                 upstream, model=settings.model, context_template=settings.context_template
             )

@@ -90,17 +90,9 @@ def make_backend(settings: Settings) -> Embedder:
             )
         case "openai":
             from services.embedding.openai import UpstreamEmbedder
-            from services.upstream import Upstream, UpstreamConfig
+            from services.upstream import upstream_for
 
-            upstream = Upstream(
-                UpstreamConfig(
-                    base_url=settings.base_url,
-                    api_key=settings.api_key,
-                    timeout=settings.timeout,
-                    max_retries=settings.max_retries,
-                    backoff=settings.backoff,
-                )
-            )
+            upstream = upstream_for(settings)
             return UpstreamEmbedder(
                 upstream,
                 model=settings.model,

@@ -70,17 +70,9 @@ def make_backend(settings: Settings) -> Reranker:
             )
         case "openai":
             from services.rerank.openai import UpstreamReranker
-            from services.upstream import Upstream, UpstreamConfig
+            from services.upstream import upstream_for
 
-            upstream = Upstream(
-                UpstreamConfig(
-                    base_url=settings.base_url,
-                    api_key=settings.api_key,
-                    timeout=settings.timeout,
-                    max_retries=settings.max_retries,
-                    backoff=settings.backoff,
-                )
-            )
+            upstream = upstream_for(settings)
             return UpstreamReranker(upstream, model=settings.model, api=settings.api)
         case other:
             raise ConfigError(
