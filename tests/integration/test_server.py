@@ -327,3 +327,22 @@ async def test_failing_start_hook_fails_start_and_frees_the_port() -> None:
         _ = service.port
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))  # the failed start released the port
+
+
+async def test_oversize_message_is_resource_exhausted_and_harmless() -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, max_message_bytes=4096)
+    adder = rerank_pb2_grpc.add_RerankServiceServicer_to_server
+    async with serve((adder, IdentityReranker("a")), config=config) as served:
+        stub = rerank_pb2_grpc.RerankServiceStub(served.channel)
+        big = rerank_pb2.RerankRequest(
+            query="q", documents=[common_pb2.Document(id="1", text="x" * 10_000)]
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Rerank(big, timeout=5)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in (info.value.details() or "")
+        # the server is unharmed: health still SERVING and a normal call still answered
+        health = health_pb2_grpc.HealthStub(served.channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=RERANK), timeout=5)
+        assert reply.status == SERVING
+        assert (await stub.Rerank(rerank_request(), timeout=5)).model == "a"
