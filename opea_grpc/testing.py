@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -54,6 +55,32 @@ async def wait_for_serving(
 
 
 @asynccontextmanager
+async def started(
+    service: MicroService, client_config: ClientConfig | None = None
+) -> AsyncIterator[grpc.aio.Channel]:
+    """Start ``service``, yield a channel to it, then close the channel and stop the service.
+
+    With the default client config the channel is made like production ones (round-robin,
+    health checking, retries) and the service is awaited until health reads SERVING. With a
+    ``client_config`` of its own (say, no retries, no health checking, to see each status as
+    answered) only the connection is awaited, as the service may be NOT_SERVING on purpose.
+    """
+    await service.start()
+    channel = connect(service.target, service.services, client_config or ClientConfig())
+    try:
+        if client_config is None:
+            await wait_for_serving(channel)
+        else:
+            # gRPC shares subchannels process-wide: one left failing by an earlier server on
+            # this port number would otherwise answer a no-retry call with its own error.
+            await asyncio.wait_for(channel.channel_ready(), 10)
+        yield channel
+    finally:
+        await channel.close(None)
+        await service.stop(0)
+
+
+@asynccontextmanager
 async def serve(
     *services: tuple[AddToServer[Any], Any] | tuple[AddToServer[Any], Any, Readiness],
     config: ServerConfig | None = None,
@@ -70,11 +97,5 @@ async def serve(
     for entry in services:
         ready = entry[2] if len(entry) == 3 else None
         ms.add_service(entry[0], entry[1], ready=ready)
-    port = await ms.start()
-    channel = connect(f"127.0.0.1:{port}", ms.services, client_config or ClientConfig())
-    try:
-        await wait_for_serving(channel)
-        yield Served(service=ms, port=port, target=f"127.0.0.1:{port}", channel=channel)
-    finally:
-        await channel.close(None)
-        await ms.stop(0)
+    async with started(ms, client_config) as channel:
+        yield Served(service=ms, port=ms.port, target=ms.target, channel=channel)

@@ -4,7 +4,6 @@ settings, and the service as a process. The openai backend's own tests: test_cha
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from opea_grpc.client import ChatClient, ModelClient
 from opea_grpc.config import ClientConfig, ConfigError, ServerConfig
 from opea_grpc.pb.v1 import chat_pb2, common_pb2
 from opea_grpc.retry import RetryBudget
-from opea_grpc.testing import wait_for_serving
+from opea_grpc.testing import started
 from services.chat.backend import make_backend
 from services.chat.extractive import NO_ANSWER, NO_CONTEXT, count_tokens
 from services.chat.service import Settings, build
@@ -68,21 +67,8 @@ async def running(
     settings: Settings, client_config: ClientConfig | None = None
 ) -> AsyncIterator[ChatClient]:
     service = build(ServerConfig(host="127.0.0.1", port=0), settings)
-    await service.start()
-    channel = connect(service.target, [SERVICE], client_config or ClientConfig())
-    try:
-        if client_config is None:
-            await wait_for_serving(channel, SERVICE)
-        else:
-            # No health check to wait through (the service may be NOT_SERVING on purpose), but
-            # the channel must be connected: gRPC shares subchannels process-wide, and one left
-            # by an earlier server on this port number may still be failing ("Connection
-            # refused"), which a channel without retries would report as this call's status.
-            await asyncio.wait_for(channel.channel_ready(), 10)
+    async with started(service, client_config) as channel:
         yield ChatClient(channel, timeout=10, retry_budget=RetryBudget(reserve=0))
-    finally:
-        await channel.close(None)
-        await service.stop(0)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from opea_grpc.client import EmbeddingClient, ModelClient
 from opea_grpc.config import ClientConfig, ConfigError, ServerConfig
 from opea_grpc.pb.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 from opea_grpc.retry import RetryBudget
-from opea_grpc.testing import serve, wait_for_serving
+from opea_grpc.testing import serve, started
 from services.embedding.backend import make_backend
 from services.embedding.hashing import HashingEmbedder
 from services.embedding.minilm import INSTALL, MiniLMEmbedder
@@ -74,15 +74,8 @@ async def running(
     settings: Settings, client_config: ClientConfig | None = None
 ) -> AsyncIterator[EmbeddingClient]:
     service = build(ServerConfig(host="127.0.0.1", port=0), settings)
-    await service.start()
-    channel = connect(service.target, [SERVICE], client_config or ClientConfig())
-    try:
-        if client_config is None:
-            await wait_for_serving(channel, SERVICE)
+    async with started(service, client_config) as channel:
         yield EmbeddingClient(channel, timeout=30, retry_budget=RetryBudget(reserve=0))
-    finally:
-        await channel.close(None)
-        await service.stop(0)
 
 
 @dataclasses.dataclass

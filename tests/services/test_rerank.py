@@ -4,7 +4,6 @@ service as a process."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 import socket
@@ -20,7 +19,7 @@ from opea_grpc.client import ModelClient, RerankClient
 from opea_grpc.config import ClientConfig, ConfigError, ServerConfig
 from opea_grpc.pb.v1 import common_pb2, rerank_pb2
 from opea_grpc.retry import RetryBudget
-from opea_grpc.testing import wait_for_serving
+from opea_grpc.testing import started
 from services import bm25
 from services.rerank.backend import make_backend
 from services.rerank.service import Settings, build
@@ -73,21 +72,8 @@ async def running(
     settings: Settings, client_config: ClientConfig | None = None
 ) -> AsyncIterator[RerankClient]:
     service = build(ServerConfig(host="127.0.0.1", port=0), settings)
-    await service.start()
-    channel = connect(service.target, [SERVICE], client_config or ClientConfig())
-    try:
-        if client_config is None:
-            await wait_for_serving(channel, SERVICE)
-        else:
-            # No health check to wait through (the service may be NOT_SERVING on purpose), but
-            # the channel must be connected: gRPC shares subchannels process-wide, and one left
-            # by an earlier server on this port number may still be failing ("Connection
-            # refused"), which a channel without retries would report as this call's status.
-            await asyncio.wait_for(channel.channel_ready(), 10)
+    async with started(service, client_config) as channel:
         yield RerankClient(channel, timeout=10, retry_budget=RetryBudget(reserve=0))
-    finally:
-        await channel.close(None)
-        await service.stop(0)
 
 
 @pytest.fixture
