@@ -1,6 +1,6 @@
 """Retrieval quality through the running services: embedding -> retrieval -> rerank on BEIR data.
 
-    python bench/beir.py ../shared/data/scifact [--split train] [--rerank-depth 10,100]
+    python bench/beir.py ../shared/data/scifact [--split train] [--rerank-depth 10,20,100]
 
 Reads a BEIR-format directory (corpus.jsonl[.gz], queries.jsonl, qrels/SPLIT.tsv), ingests the
 corpus through the embedding and retrieval services (Embed, then Upsert), then for each judged
@@ -202,7 +202,7 @@ def main() -> None:
     parser.add_argument("--split", default="train")
     parser.add_argument("--collection", default="beir")
     parser.add_argument(
-        "--rerank-depth", default="10,100", help="candidates sent to rerank (comma-separated)"
+        "--rerank-depth", default="10,20,100", help="candidates sent to rerank (comma-separated)"
     )
     parser.add_argument("--batch", type=int, default=64, help="documents per ingest call")
     parser.add_argument("--concurrency", type=int, default=8)

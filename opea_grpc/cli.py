@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import logging
 import os
@@ -35,6 +36,7 @@ BUILTIN_SERVICES: Mapping[str, str] = {
     "retrieval": "services.retrieval.service",
     "rerank": "services.rerank.service",
     "chat": "services.chat.service",
+    "gateway": "gateway.service",
 }
 
 EXIT_NOT_SERVING = 1
@@ -75,6 +77,10 @@ def build_builtin(
         defaults={"port": module.DEFAULT_PORT},
         overrides=flags,
     )
+    if backend is not None and "backend" not in {
+        f.name for f in dataclasses.fields(module.Settings)
+    }:
+        raise UsageError(f"--backend does not apply to {name}")
     settings = load(module.Settings, env, prefix=prefix, overrides={"backend": backend})
     service = module.build(server, settings)
     if not isinstance(service, MicroService):

@@ -19,6 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from opea_grpc.cache import Cache
 from opea_grpc.errors import GraphError, ServiceError
 from opea_grpc.pb.v1 import chat_pb2, embedding_pb2, rerank_pb2, retrieval_pb2
 
@@ -83,6 +84,8 @@ class Node(Generic[S, Req, Resp]):
     outputs)`` builds the request from the state and the outputs of the finished predecessors (a
     source finds the run's request under :data:`REQUEST`); ``absorb(state, reply)`` writes the
     reply into the state. ``stream`` serves when the node is the streamed sink of a run.
+    ``cache`` answers a request seen before without calling (both types must be protobuf
+    messages; see :mod:`opea_grpc.cache`).
 
     >>> Node("chat", chat.chat, stream=chat.chat_stream, timeout=30.0, prepare=ground)
     """
@@ -97,6 +100,7 @@ class Node(Generic[S, Req, Resp]):
     optional: bool = False  # on failure or timeout, the run goes on without it
     prepare: Callable[[S, Mapping[str, object]], Req] | None = None
     absorb: Callable[[S, Resp], None] | None = None
+    cache: Cache | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.name == REQUEST:
@@ -112,6 +116,13 @@ class Node(Generic[S, Req, Resp]):
                 )
             if value is None:
                 object.__setattr__(self, attribute, inferred)
+        if self.cache is not None and not (
+            issubclass(self.input_type, Message) and issubclass(self.output_type, Message)
+        ):
+            raise GraphError(
+                f"node {self.name!r}: a cache keys protobuf requests to protobuf replies, not"
+                f" {type_name(self.input_type)} to {type_name(self.output_type)}"
+            )
 
 
 def _call_types(call: Callable[..., object]) -> tuple[type | None, type | None]:

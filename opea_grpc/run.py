@@ -19,8 +19,10 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from opea_grpc import deadline
+from opea_grpc.cache import bypass
 from opea_grpc.errors import GraphError, NodeError, ServiceError, status_of
 from opea_grpc.node import (
     BUILTIN_ADAPTERS,
@@ -208,12 +210,25 @@ class Run:
         seconds = min(node.timeout, self.deadline - time.perf_counter())
         if seconds <= 0:
             raise ServiceError(_DEADLINE, _NO_TIME)
+        cache = None if node.cache is None or bypass.get() else node.cache
+        key = b""
+        if cache is not None:
+            message = typing.cast(Message, request)
+            key = b"%s\0%s" % (node.name.encode(), message.SerializeToString(deterministic=True))
+            hit = await cache.get(key)
+            if hit is not None:
+                reply = node.output_type.FromString(hit)
+                if node.absorb is not None:
+                    node.absorb(self.state, reply)
+                return reply
         try:
             # The scope also bounds calls a node makes itself (a local function calling gRPC).
             with deadline.scope(seconds):
                 reply = await _bounded(node.call(request, timeout=seconds), seconds)
         except TimeoutError:
             raise ServiceError(_DEADLINE, f"no reply within {seconds:.3g} s") from None
+        if cache is not None:
+            await cache.put(key, reply.SerializeToString())
         if node.absorb is not None:
             node.absorb(self.state, reply)
         return reply

@@ -15,7 +15,7 @@ from opea_grpc import models
 from opea_grpc.config import ConfigError, ServerConfig
 from opea_grpc.pb.v1 import chat_pb2_grpc, common_pb2
 from opea_grpc.server import MicroService, ServiceType
-from services.chat.backend import make_backend
+from services.chat.backend import ChatBackend, make_backend
 from services.chat.extractive import MODEL as EXTRACTIVE_MODEL
 from services.chat.openai import DEFAULT_CONTEXT_TEMPLATE
 from services.chat.servicer import ChatServicer, Limits
@@ -100,9 +100,12 @@ class Settings:
         )
 
 
-def build(server: ServerConfig, settings: Settings) -> MicroService:
-    """The chat MicroService for ``settings``; nothing is opened until it starts."""
-    backend = make_backend(settings)
+def build(
+    server: ServerConfig, settings: Settings, backend: ChatBackend | None = None
+) -> MicroService:
+    """The chat MicroService for ``settings`` (or around ``backend``); nothing is opened until
+    it starts."""
+    backend = backend if backend is not None else make_backend(settings)
     created = int(time.time())
     owner = "opea-grpc" if settings.backend == "extractive" else "upstream"
 

@@ -66,6 +66,7 @@ def make_backend(settings: Settings) -> Reranker:
                 k1=settings.k1,
                 b=settings.b,
                 rrf_k=settings.rrf_k,
+                incoming_weight=settings.incoming_weight,
                 offload_chars=settings.offload_chars,
             )
         case "openai":

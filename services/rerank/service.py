@@ -42,6 +42,8 @@ class Settings:
     b: float = 0.75
     #: lexical: the k of reciprocal rank fusion (larger flattens the rank differences).
     rrf_k: int = 60
+    #: lexical: how many times the incoming order outweighs the BM25 order (1 = plain RRF).
+    incoming_weight: float = 3.0
     #: lexical: requests whose candidates exceed this many characters are scored off the loop.
     offload_chars: int = 32768
     #: openai: the upstream's base URL, e.g. http://tei:80 or http://vllm:8000.
@@ -60,6 +62,7 @@ class Settings:
         _check(self.k1 >= 0, "OPEA_RERANK_K1 must be >= 0")
         _check(0 <= self.b <= 1, "OPEA_RERANK_B must be within 0..1")
         _check(self.rrf_k >= 1, "OPEA_RERANK_RRF_K must be >= 1")
+        _check(self.incoming_weight >= 0, "OPEA_RERANK_INCOMING_WEIGHT must be >= 0")
         _check(self.offload_chars >= 0, "OPEA_RERANK_OFFLOAD_CHARS must be >= 0")
         _check(self.api in APIS, f"OPEA_RERANK_API must be one of {', '.join(APIS)}")
         _check(self.timeout > 0, "OPEA_RERANK_TIMEOUT must be positive")

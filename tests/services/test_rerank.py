@@ -179,9 +179,23 @@ async def test_lexical_lifts_a_passage_with_strong_evidence() -> None:
         )
     assert response.results[0].index == 9  # last in, first out
     assert [r.index for r in response.results[1:]] == list(range(9))  # the rest keep their order
-    # fused score: incoming rank 10 and BM25 rank 1 (k = 60)
-    assert response.results[0].relevance_score == pytest.approx(1 / 70 + 1 / 61, rel=1e-6)
-    assert response.results[1].relevance_score == pytest.approx(1 / 61, rel=1e-6)
+    # fused score: incoming rank 10 (weighted) and BM25 rank 1 (k = 60)
+    w = Settings().incoming_weight
+    assert response.results[0].relevance_score == pytest.approx(w / 70 + 1 / 61, rel=1e-6)
+    assert response.results[1].relevance_score == pytest.approx(w / 61, rel=1e-6)
+
+
+async def test_lexical_incoming_weight_sets_how_far_lexical_evidence_lifts() -> None:
+    # The evidence sits at incoming rank 3: plain RRF (weight 1) lifts it to the top, a heavy
+    # weight on the incoming order keeps it where it was.
+    texts = [*FILLER[:2], "Reciprocal rank fusion combines rankings.", *FILLER[2:]]
+    query = "how does rank fusion combine rankings"
+    heavy = Settings(incoming_weight=200.0)
+    async with running(Settings(incoming_weight=1.0)) as plain, running(heavy) as weighted:
+        lifted = await plain.rerank(rerank_request(query, texts))
+        kept = await weighted.rerank(rerank_request(query, texts))
+    assert [r.index for r in lifted.results][:3] == [2, 0, 1]
+    assert [r.index for r in kept.results] == list(range(len(texts)))
 
 
 @pytest.mark.parametrize(

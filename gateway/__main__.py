@@ -1,0 +1,7 @@
+"""``python -m gateway [flags]`` is ``opea-grpc serve gateway [flags]``."""
+
+import sys
+
+from opea_grpc.cli import main
+
+raise SystemExit(main(["serve", "gateway", *sys.argv[1:]]))

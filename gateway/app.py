@@ -1,0 +1,516 @@
+"""The REST facade: OpenAI-compatible routes over the ChatQnA pipeline and the services.
+
+Routes validate with the pydantic models of :mod:`gateway.schemas`, translate with
+:mod:`gateway.translate`, call the pipeline or a service, and write JSON with orjson. Every
+error is OpenAI-shaped (:mod:`gateway.errors`). A client that goes away cancels its request,
+down to the gRPC calls in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import errors, schemas, translate
+from gateway.errors import HTTPError
+from gateway.ingestion import Knowledge
+from gateway.megaservice import ChatQnA
+from gateway.mesh import Mesh
+from gateway.metrics import Metrics
+from opea_grpc.cache import bypass
+from opea_grpc.errors import NodeError, ServiceError
+from opea_grpc.pb.v1 import chatqna_pb2, common_pb2
+from opea_grpc.run import StreamRun
+
+T = TypeVar("T")
+
+_JSON = "application/json"
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_DONE = b"data: [DONE]\n\n"
+
+
+def _json(content: object, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(content), media_type=_JSON, headers=headers)
+
+
+def _error_docs(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    described = {
+        400: "Invalid request: malformed JSON, a field out of range, nothing to work on",
+        404: "Unknown model, collection or route",
+        413: "Request body larger than the gateway accepts",
+        429: "A service is over capacity; retry after `retry-after` seconds",
+        499: "The client closed the connection",
+        500: "Internal error",
+        503: "A service the request needs is unavailable; retry after `retry-after` seconds",
+        504: "The request's deadline expired",
+    }
+    return {
+        code: {"model": schemas.ErrorResponse, "description": described[code]}
+        for code in (*statuses, 400, 413, 500)
+    }
+
+
+_PIPELINE_ERRORS = _error_docs(404, 429, 499, 503, 504)
+_SERVICE_ERRORS = _error_docs(404, 429, 503, 504)
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """What the routes need; built and started by :mod:`gateway.service`."""
+
+    mesh: Mesh
+    pipeline: ChatQnA
+    knowledge: Knowledge
+    metrics: Metrics
+
+
+def _uncancel(task: asyncio.Task[Any]) -> None:
+    """Take back a cancellation this module made (so the task is not cancelled any more)."""
+    if sys.version_info >= (3, 11):
+        task.uncancel()
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+async def _until_disconnect(receive: Receive, task: asyncio.Task[Any], gone: list[bool]) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.append(True)
+    task.cancel()
+
+
+async def guarded(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``; if the client disconnects first, cancel it and raise :class:`ClientGone`."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone: list[bool] = []
+    watcher = asyncio.create_task(_until_disconnect(request.receive, task, gone))
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        _uncancel(task)
+        raise ClientGone from None
+    finally:
+        watcher.cancel()
+
+
+class EventStream(Response):
+    """A ``text/event-stream`` response that stops its producer when the client disconnects."""
+
+    def __init__(self, frames: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        super().__init__(status_code=200)
+        self.frames = frames
+        self.raw = _SSE_HEADERS + [(k.encode(), v.encode()) for k, v in headers.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw})
+        task = asyncio.current_task()
+        assert task is not None
+        gone: list[bool] = []
+        watcher = asyncio.create_task(_until_disconnect(receive, task, gone))
+        try:
+            async for frame in self.frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            _uncancel(task)
+        except OSError:  # the client went away while a frame was being written
+            pass
+        finally:
+            watcher.cancel()
+            close = getattr(self.frames, "aclose", None)
+            if close is not None:
+                await close()
+
+
+def _frame(payload: object) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class _Guard:
+    """Outermost ASGI layer: body size limit (413), in-flight gauge, request metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int) -> None:
+        self.app, self.metrics, self.max_body = app, metrics, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                await self._too_large(send)
+                return
+        started = time.perf_counter()
+        status = [500]
+        seen = [0]
+        max_body = self.max_body
+
+        async def limited() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > max_body:
+                    raise HTTPError(413, self._message(), code="request_too_large")
+            return message
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        gauge = self.metrics.in_flight
+        route = scope["path"]
+        gauge.labels(route).inc()
+        try:
+            await self.app(scope, limited, sending)
+        finally:
+            gauge.labels(route).dec()
+            matched = scope.get("route")
+            label = getattr(matched, "path", "unmatched")
+            self.metrics.requests.labels(label, str(status[0])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+
+    def _message(self) -> str:
+        return f"the request body exceeds {self.max_body} bytes (OPEA_GATEWAY_MAX_BODY_BYTES)"
+
+    async def _too_large(self, send: Send) -> None:
+        content = errors.body(self._message(), "invalid_request_error", code="request_too_large")
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    problems = exc.errors()
+    if not problems:
+        return "the request is invalid", None
+    first = problems[0]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    where = f"{param}: " if param else ""
+    return f"{where}{first.get('msg', 'invalid')}{more}", param
+
+
+def create_app(gw: Gateway) -> ASGIApp:
+    """The ASGI application of the gateway's REST facade."""
+    settings = gw.pipeline.settings
+    app = FastAPI(
+        title="opea-grpc gateway",
+        version="0.1.0",
+        description="OpenAI-compatible REST facade over the opea-grpc ChatQnA pipeline.",
+    )
+
+    def deadline(asked: float | None) -> float:
+        return min(asked if asked is not None else settings.timeout, settings.max_timeout)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
+        message, param = _validation_message(exc)
+        return errors.response(400, errors.body(message, "invalid_request_error", param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(
+            exc.status_code, "invalid_request_error"
+        )
+        message = (
+            f"no route {request.method} {request.url.path}"
+            if exc.status_code in (404, 405)
+            else str(exc.detail)
+        )
+        return errors.response(exc.status_code, errors.body(message, kind))
+
+    @app.exception_handler(HTTPError)
+    @app.exception_handler(ServiceError)
+    @app.exception_handler(NodeError)
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def on_known(request: Request, exc: Exception) -> Response:
+        return errors.of_exception(exc)
+
+    @app.exception_handler(ClientGone)
+    async def on_gone(request: Request, exc: ClientGone) -> Response:
+        return errors.response(499, errors.body("the client closed the connection", "cancelled"))
+
+    @app.exception_handler(Exception)
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return errors.of_exception(exc)
+
+    async def check_model(model_id: str, kind: common_pb2.ModelKind.ValueType) -> None:
+        try:
+            await gw.mesh.model(model_id, kind)
+        except ServiceError as exc:
+            if exc.code is not grpc.StatusCode.NOT_FOUND:
+                raise
+            raise HTTPError(404, exc.message, param="model", code="model_not_found") from None
+
+    # -- chat ------------------------------------------------------------------------------------
+
+    async def answer(
+        request: Request,
+        ask: chatqna_pb2.AskRequest,
+        *,
+        stream: bool,
+        include_usage: bool,
+        timeout: float,
+        use_cache: bool,
+    ) -> Response | EventStream:
+        started = time.perf_counter()
+        token = bypass.set(not use_cache)
+        try:
+            if not stream:
+                result = await guarded(request, gw.pipeline.ask(ask, timeout=timeout))
+                gw.metrics.record_nodes(result.timings)
+                timing = translate.server_timing(result.timings, time.perf_counter() - started)
+                return _json(translate.completion(result), {"server-timing": timing})
+            run = gw.pipeline.ask_stream(ask, timeout=timeout)
+            try:
+                first = await guarded(request, run.__anext__())
+            except BaseException:
+                await run.aclose()
+                raise
+        finally:
+            bypass.reset(token)
+        gw.metrics.first_token.observe(time.perf_counter() - started)
+        timing = translate.server_timing(run.timings)
+        return EventStream(_frames(run, first, include_usage), {"server-timing": timing})
+
+    async def _frames(run: StreamRun[Any], first: Any, include_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            head = translate.chunk(first, include_usage)
+            report = {
+                "sources": translate.sources(run.state.sources),
+                "degraded": run.degraded,
+            }
+            if head is None:
+                head = {"choices": [], "opea": report}
+            else:
+                head["opea"] = report
+            yield _frame(head)
+            async for piece in run:
+                payload = translate.chunk(piece, include_usage)
+                if payload is not None:
+                    yield _frame(payload)
+        except Exception as exc:  # after the first byte only an error event can say so
+            yield b"data: " + errors.event(exc) + b"\n\n"
+            return
+        finally:
+            gw.metrics.record_nodes(run.timings)
+            await run.aclose()
+        yield _DONE
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=schemas.ChatCompletion,
+        responses={
+            **_PIPELINE_ERRORS,
+            200: {
+                "description": "A chat.completion, or with stream=true an event stream of"
+                " chat.completion.chunk frames ending with `data: [DONE]`",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+        },
+        summary="Answer with the RAG pipeline (OpenAI chat completions)",
+    )
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Any:
+        await check_model(body.model, common_pb2.MODEL_KIND_CHAT)
+        rag = body.opea
+        return await answer(
+            request,
+            translate.ask_request(body),
+            stream=body.stream,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            timeout=deadline(rag.timeout if rag else None),
+            use_cache=rag.cache if rag else True,
+        )
+
+    @app.post(
+        "/v1/chatqna",
+        response_model=schemas.ChatCompletion,
+        responses={
+            **_PIPELINE_ERRORS,
+            200: {
+                "description": "OPEA's ChatQnA request, answered as an OpenAI chat completion"
+                " (streamed unless stream=false, as OPEA does)",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+        },
+        summary="OPEA ChatQnA-compatible entry point",
+    )
+    async def chatqna(body: schemas.ChatQnARequest, request: Request) -> Any:
+        if body.model:
+            model = body.model
+            await check_model(model, common_pb2.MODEL_KIND_CHAT)
+        else:
+            chats = [m for m in await gw.mesh.models() if m.kind == common_pb2.MODEL_KIND_CHAT]
+            model = chats[0].id if chats else ""
+        return await answer(
+            request,
+            translate.chatqna_request(body, model),
+            stream=body.stream,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            timeout=deadline(None),
+            use_cache=True,
+        )
+
+    # -- services ----------------------------------------------------------------------------
+
+    @app.post(
+        "/v1/embeddings",
+        response_model=schemas.EmbeddingList,
+        responses=_SERVICE_ERRORS,
+        summary="Embed text (OpenAI embeddings)",
+    )
+    async def embeddings(body: schemas.EmbeddingRequest, request: Request) -> Any:
+        from opea_grpc.pb.v1 import embedding_pb2
+
+        await check_model(body.model, common_pb2.MODEL_KIND_EMBEDDING)
+        texts = translate.embedding_input(body.input)
+        embed = embedding_pb2.EmbedRequest(input=texts, user=body.user or "")
+        if body.dimensions is not None:
+            embed.dimensions = body.dimensions
+        reply = await guarded(
+            request, gw.pipeline.downstreams.embedding.embed(embed, timeout=deadline(None))
+        )
+        return _json(translate.embeddings(reply, body.encoding_format))
+
+    async def rerank(body: schemas.RerankRequest, request: Request) -> Any:
+        client = gw.pipeline.downstreams.rerank
+        if client is None:
+            raise HTTPError(
+                404, "this gateway runs without a rerank service", type="not_found_error"
+            )
+        if body.model:
+            await check_model(body.model, common_pb2.MODEL_KIND_RERANK)
+        req = translate.rerank_request(body)
+        reply = await guarded(request, client.rerank(req, timeout=deadline(None)))
+        return _json(translate.reranked(reply, req, body.return_documents))
+
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        app.post(
+            path,
+            response_model=schemas.RerankResponse,
+            responses=_SERVICE_ERRORS,
+            summary="Rerank documents for a query (Cohere/Jina shape, as vLLM and TEI serve)",
+            include_in_schema=path == "/v1/rerank",
+        )(rerank)
+
+    @app.get("/v1/models", response_model=schemas.ModelList, responses=_error_docs(503))
+    async def list_models() -> Any:
+        return _json({"object": "list", "data": translate.model_cards(await gw.mesh.models())})
+
+    @app.get(
+        "/v1/models/{model_id:path}",
+        response_model=schemas.ModelCard,
+        responses=_error_docs(404, 503),
+    )
+    async def get_model(model_id: str) -> Any:
+        for m in await gw.mesh.models(fresh=True):
+            if m.id == model_id:
+                return _json(translate.model_cards([m])[0])
+        raise HTTPError(
+            404,
+            f"The model {model_id!r} does not exist",
+            type="invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+
+    # -- knowledge base ----------------------------------------------------------------------
+
+    @app.post(
+        "/v1/ingest",
+        response_model=schemas.IngestResponse,
+        responses=_SERVICE_ERRORS,
+        summary="Chunk, embed and store documents",
+    )
+    async def ingest(body: schemas.IngestRequest, request: Request) -> Any:
+        work = gw.knowledge.ingest(body, timeout=settings.max_timeout)
+        return _json(await guarded(request, work))
+
+    @app.post(
+        "/v1/search",
+        response_model=schemas.SearchResponse,
+        responses=_SERVICE_ERRORS,
+        summary="Search a collection (hybrid dense + BM25)",
+    )
+    async def search(body: schemas.SearchRequest, request: Request) -> Any:
+        return _json(await guarded(request, gw.knowledge.search(body, timeout=deadline(None))))
+
+    @app.post(
+        "/v1/documents/delete",
+        response_model=schemas.DeleteResponse,
+        responses=_SERVICE_ERRORS,
+        summary="Delete chunks by id, source or filter",
+    )
+    async def delete_documents(body: schemas.DeleteRequest, request: Request) -> Any:
+        return _json(await guarded(request, gw.knowledge.delete(body, timeout=deadline(None))))
+
+    @app.get("/v1/collections", response_model=schemas.CollectionList, responses=_SERVICE_ERRORS)
+    async def collections() -> Any:
+        return _json(await gw.knowledge.collections(timeout=deadline(None)))
+
+    @app.delete("/v1/collections/{name}", status_code=204, responses=_SERVICE_ERRORS)
+    async def drop_collection(name: str) -> Response:
+        await gw.knowledge.drop(name, timeout=deadline(None))
+        return Response(status_code=204)
+
+    # -- operations --------------------------------------------------------------------------
+
+    @app.get("/healthz", response_model=schemas.Status, summary="Liveness")
+    async def healthz() -> Any:
+        return _json({"status": "ok"})
+
+    @app.get("/v1/health_check", response_model=schemas.Status, summary="Liveness (OPEA's path)")
+    async def health_check() -> Any:
+        return _json({"status": "ok"})
+
+    @app.get(
+        "/readyz",
+        response_model=schemas.Status,
+        responses={503: {"model": schemas.Status, "description": "a required service is down"}},
+        summary="Readiness: every service the pipeline needs is SERVING",
+    )
+    async def readyz() -> Any:
+        ready = gw.mesh.ready()
+        content = {"status": "ready" if ready else "not ready", "detail": gw.mesh.states()}
+        return Response(orjson.dumps(content), status_code=200 if ready else 503, media_type=_JSON)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics() -> Response:
+        return Response(gw.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    return _Guard(app, gw.metrics, settings.max_body_bytes)
+
+
+__all__ = ["ClientGone", "EventStream", "Gateway", "create_app", "guarded"]

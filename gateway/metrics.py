@@ -1,0 +1,78 @@
+"""The gateway's Prometheus metrics, in a registry of its own (``GET /metrics``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway.translate import STATUS
+from opea_grpc.cache import MemoryCache
+from opea_grpc.node import NodeTiming
+
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class _Caches(Collector):
+    """Hits and misses of the pipeline's caches, read when scraped."""
+
+    def __init__(self, caches: dict[str, MemoryCache | None]) -> None:
+        self._caches = caches
+
+    def collect(self) -> Iterator[Metric]:
+        hits = CounterMetricFamily(
+            "opea_gateway_cache_hits", "Pipeline cache hits", labels=["node"]
+        )
+        misses = CounterMetricFamily(
+            "opea_gateway_cache_misses", "Pipeline cache misses", labels=["node"]
+        )
+        for node, cache in self._caches.items():
+            if cache is not None:
+                hits.add_metric([node], cache.hits)
+                misses.add_metric([node], cache.misses)
+        yield hits
+        yield misses
+
+
+class Metrics:
+    def __init__(self, caches: dict[str, MemoryCache | None]) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "opea_gateway_requests",
+            "REST requests by route and HTTP status",
+            ["route", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "opea_gateway_request_seconds",
+            "REST request latency (to the last byte)",
+            ["route"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "opea_gateway_in_flight", "REST requests in progress", ["route"], registry=registry
+        )
+        self.first_token = Histogram(
+            "opea_gateway_time_to_first_token_seconds",
+            "Streamed chat: time from request to the first content chunk",
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        self.nodes = Histogram(
+            "opea_gateway_node_seconds",
+            "Pipeline node durations by outcome",
+            ["node", "outcome"],
+            buckets=_SECONDS,
+            registry=registry,
+        )
+        registry.register(_Caches(caches))
+
+    def record_nodes(self, timings: Iterable[NodeTiming]) -> None:
+        for t in timings:
+            self.nodes.labels(t.name, STATUS[t.status]).observe(t.duration)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,88 @@
+"""The REST server: uvicorn on a socket the gateway binds, started and stopped with the service.
+
+Signal handling stays with the entrypoint (``opea-grpc serve``): this server never installs any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+from starlette.types import ASGIApp
+
+_log = logging.getLogger(__name__)
+
+
+def _http_implementation() -> str:
+    try:
+        import httptools  # noqa: F401
+    except ImportError:  # pragma: no cover - the pure-Python parser works, only slower
+        return "h11"
+    return "httptools"
+
+
+class RestServer:
+    """Serves ``app`` on ``host:port`` (0: any free port) from :meth:`start` to :meth:`stop`."""
+
+    def __init__(self, app: ASGIApp, *, host: str, port: int, name: str = "gateway") -> None:
+        self.app, self.host = app, host
+        self._wanted = port
+        self._name = name
+        self._socket: socket.socket | None = None
+        self._server: uvicorn.Server | None = None
+        self._loop: asyncio.Task[None] | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _bind(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self._wanted))
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                f"{self._name} REST cannot bind {self.host}:{self._wanted}: {exc.strerror}"
+            ) from None
+        sock.listen(2048)
+        sock.setblocking(False)
+        return sock
+
+    async def start(self) -> None:
+        sock = self._socket = self._bind()
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            http=_http_implementation(),
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_keep_alive=30,
+        )
+        config.load()
+        server = self._server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[sock])
+        self._loop = asyncio.create_task(server.main_loop(), name=f"{self._name} REST")
+        print(f"{self._name} REST listening on {self.url}", flush=True)
+
+    async def stop(self) -> None:
+        server, loop, sock = self._server, self._loop, self._socket
+        self._server = self._loop = self._socket = None
+        if server is None:
+            return
+        server.should_exit = True
+        if loop is not None:
+            await loop
+        await server.shutdown(sockets=[sock] if sock is not None else None)
+        if sock is not None:
+            sock.close()

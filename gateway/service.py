@@ -1,0 +1,62 @@
+"""The gateway: the ChatQnA megaservice with its gRPC face and its OpenAI-compatible REST facade.
+
+>>> service = build(ServerConfig(port=0), Settings(rest_port=0))
+>>> grpc_port = await service.start()        # REST is up too: service.rest.port
+
+``opea-grpc serve gateway`` (or ``python -m gateway``) builds it from ``OPEA_GATEWAY_*``: the gRPC
+face on ``--port`` (50050), REST on ``OPEA_GATEWAY_REST_PORT`` (8888), same host.
+"""
+
+from __future__ import annotations
+
+from gateway.app import Gateway, create_app
+from gateway.ingestion import Knowledge
+from gateway.megaservice import ChatQnA
+from gateway.mesh import Mesh
+from gateway.metrics import Metrics
+from gateway.rest import RestServer
+from gateway.servicer import ChatQnAServicer
+from gateway.settings import Settings
+from opea_grpc.config import ClientConfig, ServerConfig
+from opea_grpc.pb.v1 import chatqna_pb2_grpc
+from opea_grpc.server import MicroService, ServiceRole, ServiceType
+
+NAME = "gateway"
+DEFAULT_PORT = 50050
+
+__all__ = ["DEFAULT_PORT", "NAME", "Gateway", "GatewayService", "Settings", "build"]
+
+
+class GatewayService(MicroService):
+    """The gateway's MicroService; ``rest`` is its REST server, ``gateway`` what routes use."""
+
+    rest: RestServer
+    gateway: Gateway
+
+
+def build(
+    server: ServerConfig, settings: Settings, client: ClientConfig | None = None
+) -> GatewayService:
+    """The gateway for ``settings``; nothing connects or binds until it starts."""
+    mesh = Mesh(settings, client)
+    pipeline = ChatQnA(settings, mesh.clients)
+    metrics = Metrics({"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache})
+    gateway = Gateway(mesh, pipeline, Knowledge(pipeline), metrics)
+    rest = RestServer(create_app(gateway), host=server.host, port=settings.rest_port, name=NAME)
+
+    service = GatewayService(
+        NAME, service_type=ServiceType.GATEWAY, service_role=ServiceRole.MEGASERVICE, config=server
+    )
+    service.rest, service.gateway = rest, gateway
+    (
+        service.add_service(
+            chatqna_pb2_grpc.add_ChatQnAServiceServicer_to_server,
+            ChatQnAServicer(pipeline),
+            ready=mesh.is_ready,
+        )
+        .on_start(mesh.start)
+        .on_start(rest.start)
+        .on_stop(rest.stop)
+        .on_stop(mesh.close)
+    )
+    return service

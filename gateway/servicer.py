@@ -1,0 +1,50 @@
+"""The gateway's gRPC face: ``opea.v1.ChatQnAService`` over the same pipeline as REST."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from gateway.megaservice import ChatQnA, node_reports
+from opea_grpc.pb.v1 import chatqna_pb2, chatqna_pb2_grpc
+from opea_grpc.server import Context
+
+
+class ChatQnAServicer(chatqna_pb2_grpc.ChatQnAServiceServicer):
+    """Ask and AskStream; the caller's deadline (else the gateway's default) bounds the run."""
+
+    def __init__(self, pipeline: ChatQnA) -> None:
+        self._pipeline = pipeline
+
+    def _timeout(self, context: Context) -> float:
+        left = context.time_remaining()
+        settings = self._pipeline.settings
+        return settings.timeout if left is None else min(left, settings.max_timeout)
+
+    async def Ask(
+        self, request: chatqna_pb2.AskRequest, context: Context
+    ) -> chatqna_pb2.AskResponse:
+        answer = await self._pipeline.ask(request, timeout=self._timeout(context))
+        return chatqna_pb2.AskResponse(
+            chat=answer.response,
+            sources=answer.sources,
+            nodes=node_reports(answer.timings),
+            degraded=answer.degraded,
+        )
+
+    async def AskStream(
+        self, request: chatqna_pb2.AskStreamRequest, context: Context
+    ) -> AsyncIterator[chatqna_pb2.AskStreamResponse]:
+        async with self._pipeline.ask_stream(
+            request.request, timeout=self._timeout(context)
+        ) as run:
+            first = True
+            async for chunk in run:
+                reply = chatqna_pb2.AskStreamResponse(chunk=chunk)
+                if first:
+                    reply.sources.extend(run.state.sources)
+                    reply.degraded = run.degraded
+                    first = False
+                yield reply
+            yield chatqna_pb2.AskStreamResponse(
+                nodes=node_reports(run.timings), degraded=run.degraded
+            )
