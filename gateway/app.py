@@ -66,6 +66,12 @@ def _error_docs(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+#: One server-sent event: ``data`` is a chat.completion.chunk's JSON, an error's, or [DONE].
+_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
 _PIPELINE_ERRORS = _error_docs(404, 429, 499, 503, 504)
 _SERVICE_ERRORS = _error_docs(404, 429, 503, 504)
 
@@ -166,17 +172,25 @@ class _Guard:
         started = time.perf_counter()
         status = [500]
         seen = [0]
+        refused = [False]
         max_body = self.max_body
 
         async def limited() -> Message:
+            if refused[0]:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
-                if seen[0] > max_body:
-                    raise HTTPError(413, self._message(), code="request_too_large")
+                if seen[0] > max_body:  # answer 413 now; the app sees the client leave
+                    refused[0] = True
+                    status[0] = 413
+                    await self._too_large(send)
+                    return {"type": "http.disconnect"}
             return message
 
         async def sending(message: Message) -> None:
+            if refused[0]:
+                return
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
@@ -198,7 +212,7 @@ class _Guard:
 
     async def _too_large(self, send: Send) -> None:
         content = errors.body(self._message(), "invalid_request_error", code="request_too_large")
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        headers = [(b"content-type", b"application/json")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
@@ -211,10 +225,11 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    if not loc:
+        return "the request body must be a JSON object (Content-Type: application/json)", None
+    param = ".".join(loc)
     more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-    where = f"{param}: " if param else ""
-    return f"{where}{first.get('msg', 'invalid')}{more}", param
+    return f"{param}: {first.get('msg', 'invalid')}{more}", param
 
 
 def create_app(gw: Gateway) -> ASGIApp:
@@ -244,7 +259,9 @@ def create_app(gw: Gateway) -> ASGIApp:
             if exc.status_code in (404, 405)
             else str(exc.detail)
         )
-        return errors.response(exc.status_code, errors.body(message, kind))
+        reply = errors.response(exc.status_code, errors.body(message, kind))
+        reply.headers.update(exc.headers or {})
+        return reply
 
     @app.exception_handler(HTTPError)
     @app.exception_handler(ServiceError)
@@ -332,7 +349,7 @@ def create_app(gw: Gateway) -> ASGIApp:
             200: {
                 "description": "A chat.completion, or with stream=true an event stream of"
                 " chat.completion.chunk frames ending with `data: [DONE]`",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": _EVENT}},
             },
         },
         summary="Answer with the RAG pipeline (OpenAI chat completions)",
@@ -357,7 +374,7 @@ def create_app(gw: Gateway) -> ASGIApp:
             200: {
                 "description": "OPEA's ChatQnA request, answered as an OpenAI chat completion"
                 " (streamed unless stream=false, as OPEA does)",
-                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                "content": {"text/event-stream": {"schema": _EVENT}},
             },
         },
         summary="OPEA ChatQnA-compatible entry point",

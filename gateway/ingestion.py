@@ -47,20 +47,14 @@ def chunks_of(
     documents: Sequence[schemas.IngestDocument], size: int, overlap: int
 ) -> tuple[list[Chunk], dict[str, int]]:
     """Every document's chunks, and how many chunks each source has."""
-    if not 0 <= overlap < size:
-        raise ServiceError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"chunk_overlap ({overlap}) must be >= 0 and below chunk_size ({size})",
-        )
+    latest: dict[str, schemas.IngestDocument] = {}
+    for doc in documents:  # one id twice: the later document wins, as with any upsert
+        source = doc.id or "sha256:" + hashlib.sha256(doc.text.encode()).hexdigest()[:16]
+        latest.pop(source, None)
+        latest[source] = doc
     out: list[Chunk] = []
     counts: dict[str, int] = {}
-    for doc in documents:
-        source = doc.id or "sha256:" + hashlib.sha256(doc.text.encode()).hexdigest()[:16]
-        if source in counts:
-            raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"document id {source!r} appears twice in one request: ids must be unique",
-            )
+    for source, doc in latest.items():
         pieces = chunk(doc.text, size, overlap)
         counts[source] = len(pieces)
         out.extend(
@@ -84,7 +78,11 @@ class Knowledge:
     async def ingest(self, req: schemas.IngestRequest, *, timeout: float) -> dict[str, Any]:
         s = self._settings
         size = req.chunk_size if req.chunk_size is not None else s.chunk_size
-        overlap = req.chunk_overlap if req.chunk_overlap is not None else s.chunk_overlap
+        # The default overlap shrinks with a small chunk size; no overlap reaches the size.
+        overlap = (
+            req.chunk_overlap if req.chunk_overlap is not None else min(s.chunk_overlap, size // 5)
+        )
+        overlap = min(overlap, size - 1)
         collection = self.collection(req.collection)
         chunks, counts = chunks_of(req.documents, size, overlap)
         try:
@@ -139,7 +137,7 @@ class Knowledge:
 
     async def delete(self, req: schemas.DeleteRequest, *, timeout: float) -> dict[str, Any]:
         collection = self.collection(req.collection)
-        if not (req.ids or req.sources or req.filter):
+        if not (req.ids or req.sources or req.filter):  # the schema says so; pydantic cannot
             raise ServiceError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "say what to delete: ids, sources or filter (to drop a whole collection, "
@@ -151,8 +149,8 @@ class Knowledge:
                 reply = await self._clients.retrieval.delete(
                     retrieval_pb2.DeleteRequest(
                         collection=collection,
-                        ids=req.ids or [],
-                        filter=translate.filter_of(req.filter),
+                        ids=req.ids,
+                        filter=translate.filter_of(req.filter or None),
                     ),
                     timeout=timeout,
                 )

@@ -7,17 +7,36 @@ OpenAI's fields; unknown fields are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 3.0 as an integer; so do we (but not 3.5, nor "3")."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_INTEGRAL = BeforeValidator(_integral)
+#: Largest value of the contracts' int32 fields.
+INT32 = 2**31 - 1
 Role = Literal["system", "user", "assistant", "tool", "developer"]
-Operator = Literal["eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in"]
-Scalar = str | float | bool
+Text = Annotated[str, Field(min_length=1)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+Scalar = str | Number | bool
+#: A metadata key; dots walk nested objects (``a.b``), no part may be empty.
+Key = Annotated[str, Field(pattern=r"^[^.]+(\.[^.]+)*$", max_length=256)]
+Collection = Annotated[str, Field(max_length=256)]
+#: Longest conversation the chat service takes (its OPEA_CHAT_MAX_MESSAGES default).
+MAX_MESSAGES = 256
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON types must match (no "true" for true, no 1.5 for an integer)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Request):
@@ -30,25 +49,73 @@ class Message(_Request):
     content: str | list[TextPart] | None = None
     name: str | None = None
 
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+_ASKS: JsonDict = {
+    "contains": {
+        "type": "object",
+        "properties": {"role": {"const": "user"}, "content": {"type": "string", "pattern": "\\S"}},
+        "required": ["role", "content"],
+    }
+}
+
+
+def _has_question(messages: list[Message]) -> None:
+    if not any(m.role == "user" and m.text().strip() for m in messages):
+        raise ValueError("messages needs a user message with text: the question to answer")
+
+
+Stop = Text | Annotated[list[Text], Field(max_length=4)]
+
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class Condition(_Request):
-    """One metadata condition; all conditions of a filter must hold."""
+class Match(_Request):
+    """``metadata[key] == value`` (``eq``, the default) or ``!=`` (``ne``)."""
 
-    key: str = Field(min_length=1)
-    op: Operator = "eq"
-    value: Scalar | list[Scalar]
+    key: Key
+    op: Literal["eq", "ne"] = "eq"
+    value: Scalar
+
+
+class Compare(_Request):
+    """``metadata[key]`` ordered against a number or a string."""
+
+    key: Key
+    op: Literal["gt", "gte", "lt", "lte"]
+    value: str | Number
+
+
+class Member(_Request):
+    """``metadata[key]`` in (or not in) a list of values."""
+
+    key: Key
+    op: Literal["in", "not_in"]
+    value: list[Scalar]
+
+
+#: One metadata condition; all conditions of a filter must hold.
+Condition = Match | Compare | Member
 
 
 class RagOptions(_Request):
     """The ``opea`` extension: how the pipeline looks for context."""
 
-    collection: str | None = Field(None, description="collection to search (default: config)")
-    top_k: int | None = Field(None, ge=1, le=1000, description="candidates retrieved")
-    top_n: int | None = Field(None, ge=1, le=1000, description="passages given to the model")
+    collection: Collection | None = Field(None, description="collection (default: config)")
+    top_k: Annotated[int, Field(ge=1, le=1000), _INTEGRAL] | None = Field(
+        None, description="candidates retrieved"
+    )
+    top_n: Annotated[int, Field(ge=1, le=1000), _INTEGRAL] | None = Field(
+        None, description="passages given to the model"
+    )
     retrieval: bool = Field(True, description="false: answer without retrieval")
     rerank: bool = Field(True, description="false: skip the rerank step")
     filter: list[Condition] | None = Field(None, description="metadata conditions (AND)")
@@ -58,58 +125,78 @@ class RagOptions(_Request):
 
 class ChatCompletionRequest(_Request):
     model: str
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES, json_schema_extra=_ASKS)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    max_tokens: Annotated[int, Field(ge=1, le=INT32), _INTEGRAL] | None = Field(None)
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT32), _INTEGRAL] | None = Field(None)
+    seed: Annotated[int, Field(ge=-(2**53), le=2**53), _INTEGRAL] | None = Field(None)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    stop: Stop | None = None
+    n: Annotated[int, Field(ge=1, le=1), _INTEGRAL] = Field(1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     opea: RagOptions | None = None
 
+    @model_validator(mode="after")
+    def _asks(self) -> ChatCompletionRequest:
+        _has_question(self.messages)
+        return self
+
 
 class ChatQnARequest(_Request):
     """OPEA's ChatQnA request shape (``messages`` may be one string; ``stream`` defaults on)."""
 
-    messages: str | list[Message]
+    messages: (
+        Annotated[str, Field(pattern="\\S")]
+        | Annotated[
+            list[Message], Field(min_length=1, max_length=MAX_MESSAGES, json_schema_extra=_ASKS)
+        ]
+    )
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Annotated[int, Field(ge=1, le=INT32), _INTEGRAL] | None = Field(None)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
-    k: int | None = Field(None, ge=1, le=1000, description="candidates retrieved")
-    top_n: int | None = Field(None, ge=1, le=1000, description="passages kept after rerank")
+    stop: Stop | None = None
+    seed: Annotated[int, Field(ge=-(2**53), le=2**53), _INTEGRAL] | None = Field(None)
+    k: Annotated[int, Field(ge=1, le=1000), _INTEGRAL] | None = Field(
+        None, description="candidates retrieved"
+    )
+    top_n: Annotated[int, Field(ge=1, le=1000), _INTEGRAL] | None = Field(
+        None, description="passages kept after rerank"
+    )
     stream: bool = True
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    @model_validator(mode="after")
+    def _asks(self) -> ChatQnARequest:
+        if not isinstance(self.messages, str):
+            _has_question(self.messages)
+        return self
+
 
 class EmbeddingRequest(_Request):
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=2048)]
     model: str
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    dimensions: Annotated[int, Field(ge=1, le=INT32), _INTEGRAL] | None = Field(None)
     user: str | None = None
 
 
 class RerankDocument(_Request):
-    text: str
+    text: Text
 
 
 class RerankRequest(_Request):
-    query: str
-    documents: list[str | RerankDocument] = Field(min_length=1)
+    query: Text
+    documents: list[Text | RerankDocument] = Field(min_length=1, max_length=1000)
     model: str | None = None
-    top_n: int | None = Field(None, ge=1)
+    top_n: Annotated[int, Field(ge=1, le=INT32), _INTEGRAL] | None = Field(None)
     return_documents: bool = True
 
 
@@ -121,24 +208,38 @@ class IngestDocument(_Request):
 
 class IngestRequest(_Request):
     documents: list[IngestDocument] = Field(min_length=1, max_length=10000)
-    collection: str | None = None
-    chunk_size: int | None = Field(None, ge=1)
-    chunk_overlap: int | None = Field(None, ge=0)
+    collection: Collection | None = None
+    chunk_size: Annotated[int, Field(ge=1, le=INT32), _INTEGRAL] | None = Field(
+        None, description="characters per chunk"
+    )
+    chunk_overlap: Annotated[int, Field(ge=0, le=INT32), _INTEGRAL] | None = Field(
+        None, description="characters neighbouring chunks share (below chunk_size)"
+    )
 
 
 class SearchRequest(_Request):
-    query: str = Field(min_length=1)
-    collection: str | None = None
-    top_k: int = Field(10, ge=1, le=1000)
+    query: Text
+    collection: Collection | None = None
+    top_k: Annotated[int, Field(ge=1, le=1000), _INTEGRAL] = Field(10)
     filter: list[Condition] | None = None
     hybrid: bool = Field(True, description="fuse BM25 over the query text with dense search")
 
 
 class DeleteRequest(_Request):
-    collection: str | None = None
-    ids: list[str] | None = Field(None, description="chunk ids to delete")
-    sources: list[str] | None = Field(None, description="delete every chunk of these documents")
-    filter: list[Condition] | None = None
+    """Give at least one of ``ids``, ``sources`` and ``filter``; what any of them names goes."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [{"required": ["ids"]}, {"required": ["sources"]}, {"required": ["filter"]}]
+        }
+    )
+
+    collection: Collection | None = None
+    ids: list[Text] = Field(default_factory=list, min_length=1, description="chunk ids")
+    sources: list[Text] = Field(
+        default_factory=list, min_length=1, description="delete every chunk of these documents"
+    )
+    filter: list[Condition] = Field(default_factory=list, min_length=1)
 
 
 # -- responses (for /openapi.json; routes write the JSON themselves) ----------------------------

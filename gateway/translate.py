@@ -16,7 +16,6 @@ from google.protobuf import json_format, struct_pb2
 
 from gateway import schemas
 from gateway.megaservice import Answer
-from opea_grpc.errors import ServiceError
 from opea_grpc.node import NodeStatus, NodeTiming
 from opea_grpc.pb.v1 import (
     chat_pb2,
@@ -62,28 +61,16 @@ STATUS = {
 # -- requests ----------------------------------------------------------------------------------
 
 
-def _content(message: schemas.Message, index: int) -> str:
-    if message.content is None:
-        return ""
-    if isinstance(message.content, str):
-        return message.content
-    return "".join(part.text for part in message.content)
-
-
 def messages(items: Sequence[schemas.Message]) -> list[chat_pb2.ChatMessage]:
     return [
-        chat_pb2.ChatMessage(role=ROLES[m.role], content=_content(m, i), name=m.name or "")
-        for i, m in enumerate(items)
+        chat_pb2.ChatMessage(role=ROLES[m.role], content=m.text(), name=m.name or "") for m in items
     ]
 
 
 def _stop(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if len(stops) > 4:
-        raise ServiceError(_INVALID, f"stop holds {len(stops)} sequences; at most 4 are allowed")
-    return stops
+    return [stop] if isinstance(stop, str) else stop
 
 
 def value(item: object) -> struct_pb2.Value:
@@ -261,14 +248,8 @@ def chunk(piece: chat_pb2.ChatStreamResponse, include_usage: bool) -> dict[str, 
     return out
 
 
-def embedding_input(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if all(isinstance(item, str) for item in value):
-        return [str(item) for item in value]
-    raise ServiceError(
-        _INVALID, "input holds token ids; this server embeds text: send a string or strings"
-    )
+def embedding_input(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
 
 
 def embeddings(reply: embedding_pb2.EmbedResponse, encoding: str) -> dict[str, Any]:
