@@ -119,18 +119,23 @@ async def _serve(service: MicroService) -> None:
 
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     flags = {"host": args.host, "port": args.port, "grace": args.grace}
-    if args.service in BUILTIN_SERVICES:
-        service = build_builtin(args.service, env, flags, args.backend)
-    elif ":" in args.service:
-        if args.backend is not None:
-            raise UsageError("--backend applies to the built-in services only")
-        service = build_service(args.service, load(ServerConfig, env, overrides=flags))
-    else:
+    if args.service not in BUILTIN_SERVICES and ":" not in args.service:
         raise UsageError(
             f"unknown service {args.service!r} (built-in: {', '.join(BUILTIN_SERVICES)}); "
             "or give MODULE:ATTR naming a MicroService or a function returning one"
         )
-    asyncio.run(_serve(service))
+    if args.service not in BUILTIN_SERVICES and args.backend is not None:
+        raise UsageError("--backend applies to the built-in services only")
+
+    async def run() -> None:
+        # Built inside the loop: grpc.aio channels a service opens belong to the running loop.
+        if args.service in BUILTIN_SERVICES:
+            service = build_builtin(args.service, env, flags, args.backend)
+        else:
+            service = build_service(args.service, load(ServerConfig, env, overrides=flags))
+        await _serve(service)
+
+    asyncio.run(run())
     return 0
 
 
@@ -180,6 +185,47 @@ def cmd_graph(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from gateway import loader
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    work = loader.ingest(
+        args.url, args.paths, collection=args.collection, chunk_size=args.chunk_size,
+        chunk_overlap=args.chunk_overlap, batch=args.batch, progress=not args.quiet,
+    )  # fmt: skip
+    try:
+        summary = asyncio.run(work)
+    except loader.IngestError as exc:
+        print(f"opea-grpc: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary.report())
+    for problem in summary.failed:
+        print(f"opea-grpc: warning: left out {problem}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def cmd_up(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from pathlib import Path
+
+    from gateway import launcher
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    options = launcher.Options(
+        data_dir=launcher.data_dir(args.data_dir, env), docs=tuple(map(Path, args.docs or ())),
+        host=args.host, rest_port=args.rest_port, base_port=args.base_port,
+        free_ports=args.free_ports, collection=args.collection, ready_timeout=args.timeout,
+    )  # fmt: skip
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await launcher.up(options, env, stop)
+
+    return asyncio.run(run())
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opea-grpc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (OPEA_LOG_LEVEL)")
@@ -209,6 +255,63 @@ def _parser() -> argparse.ArgumentParser:
     graph.add_argument("pipeline", help="MODULE:ATTR naming a ServiceOrchestrator or a factory")
     graph.add_argument("--format", choices=("json", "mermaid"), default="json")
     graph.set_defaults(run=cmd_graph)
+
+    ingest = sub.add_parser("ingest", help="send documents to a running gateway to be searched")
+    ingest.add_argument(
+        "paths", nargs="+", metavar="PATH",
+        help="files or folders (recursively): .md, .markdown, .txt, .rst; others are skipped",
+    )  # fmt: skip
+    ingest.add_argument(
+        "--url", default="http://127.0.0.1:8888",
+        help="the gateway's REST URL (default http://127.0.0.1:8888)",
+    )  # fmt: skip
+    ingest.add_argument(
+        "--collection", metavar="NAME", help="collection to add to (default: the gateway's)"
+    )
+    ingest.add_argument(
+        "--chunk-size", type=int, metavar="N", help="characters per chunk (default: the gateway's)"
+    )
+    ingest.add_argument(
+        "--chunk-overlap", type=int, metavar="N",
+        help="characters neighbouring chunks share (default: the gateway's)",
+    )  # fmt: skip
+    ingest.add_argument(
+        "--batch", type=int, default=16, metavar="N", help="documents per request (default 16)"
+    )
+    ingest.add_argument("--quiet", action="store_true", help="no progress bar")
+    ingest.set_defaults(run=cmd_ingest)
+
+    up = sub.add_parser(
+        "up", help="run every service and the gateway, ingest documents, say how to ask"
+    )
+    up.add_argument(
+        "--docs", action="append", metavar="PATH",
+        help="files or folders to ingest instead of the sample guide (repeatable)",
+    )  # fmt: skip
+    up.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    up.add_argument(
+        "--rest-port", type=int, default=8888, metavar="PORT",
+        help="the gateway's REST port (default 8888)",
+    )  # fmt: skip
+    up.add_argument(
+        "--base-port", type=int, default=50050, metavar="PORT",
+        help="the gateway's gRPC port; embedding, retrieval, rerank and chat take the next four "
+        "(default 50050)",
+    )  # fmt: skip
+    up.add_argument("--free-ports", action="store_true", help="let the system pick every port")
+    up.add_argument(
+        "--data-dir", metavar="DIR",
+        help="keep the retrieval index in DIR/retrieval (default: OPEA_RETRIEVAL_DATA_DIR, else "
+        "$XDG_DATA_HOME/opea-grpc/retrieval, else ~/.local/share/opea-grpc/retrieval)",
+    )  # fmt: skip
+    up.add_argument(
+        "--collection", metavar="NAME", help="collection to ingest into (default: the gateway's)"
+    )
+    up.add_argument(
+        "--timeout", type=float, default=180.0, metavar="SECONDS",
+        help="seconds everything may take to be ready (default 180)",
+    )  # fmt: skip
+    up.set_defaults(run=cmd_up)
     return parser
 
 

@@ -32,7 +32,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = [line for block in blocks("sh") for line in block.splitlines()]
     test_command = next(c for c in commands if c.endswith("&& pytest"))
     assert test_command in (ROOT / ".ci" / "run").read_text()
-    assert any(c.endswith("&& opea-grpc demo") for c in commands)
+    assert any(c.endswith("&& opea-grpc up") for c in commands)
 
 
 async def test_demo_runs_the_pipeline_once(subprocess_env: dict[str, str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -17,10 +18,8 @@ from opea_grpc.server import MicroService
 from tests.gateway.conftest import Stack, default_services, running
 from tests.gateway.test_openai_sdk import ingest
 
-ASK = {
-    "model": "extractive-answerer",
-    "messages": [{"role": "user", "content": "Which fruit is rich in potassium?"}],
-}
+QUESTION = "Which fruit is rich in potassium?"
+ASK = {"model": "extractive-answerer", "messages": [{"role": "user", "content": QUESTION}]}
 
 
 def error_of(reply: httpx.Response) -> dict[str, object]:
@@ -56,7 +55,7 @@ async def test_oversize_body_is_413(tmp_path: Path) -> None:
         assert reply.status_code == 413
         assert "4096 bytes" in str(error_of(reply)["message"])
 
-        async def chunked() -> object:  # no content-length: counted as it arrives
+        async def chunked() -> AsyncIterator[bytes]:  # no content-length: counted as it arrives
             yield b'{"model": "m", "messages": [{"role": "user", "content": "'
             for _ in range(10):
                 yield b"y" * 1000
@@ -210,9 +209,7 @@ async def test_grpc_face_asks_and_streams(stack: Stack) -> None:
     channel = connect(gateway.target, [ChatQnAClient.SERVICE])
     try:
         client = ChatQnAClient(channel)
-        message = chat_pb2.ChatMessage(
-            role=chat_pb2.ROLE_USER, content=ASK["messages"][0]["content"]
-        )  # type: ignore[index]
+        message = chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, content=QUESTION)
         request = chatqna_pb2.AskRequest(chat=chat_pb2.ChatRequest(messages=[message]))
         answer = await client.ask(request, timeout=10)
         assert "potassium" in answer.chat.message.content

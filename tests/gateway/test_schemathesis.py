@@ -45,6 +45,7 @@ async def test_schemathesis_finds_nothing(stack: Stack, tmp_path: Path) -> None:
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, "NO_COLOR": "1"},
+            cwd=tmp_path,
         )
         code = await asyncio.wait_for(proc.wait(), 600)
     text = report.read_text(errors="replace")
