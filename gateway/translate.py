@@ -156,13 +156,24 @@ def usage(u: common_pb2.Usage) -> dict[str, int]:
     }
 
 
+def _plain(value: Any) -> Any:
+    """JSON as sent: protobuf stores every number as a double, so 3 comes back as 3.0."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def sources(found: Iterable[common_pb2.ScoredDocument]) -> list[dict[str, Any]]:
     return [
         {
             "id": hit.document.id,
             "text": hit.document.text,
             "score": hit.score,
-            "metadata": json_format.MessageToDict(hit.document.metadata),
+            "metadata": _plain(json_format.MessageToDict(hit.document.metadata)),
         }
         for hit in found
     ]

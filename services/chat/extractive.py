@@ -39,6 +39,8 @@ _PIECE = re.compile(r"\s*\S+\s*|\s+")
 #: line break.
 _BOUNDARY = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s|$)|\n")
 _WORD_BEFORE = re.compile(r"[\w.]*$")
+#: A markdown heading line: a title, not a statement worth quoting as an answer.
+_HEADING = re.compile(r"#{1,6}\s")
 _ABBREVIATIONS = frozenset(
     {"al", "approx", "cf", "dr", "e.g", "etc", "fig", "i.e", "inc", "jr", "ltd", "mr", "mrs"}
     | {"ms", "prof", "sr", "st", "vs"}
@@ -103,6 +105,7 @@ def select(question: str, passages: Sequence[str], max_sentences: int) -> str:
         (p, passage[start:end])
         for p, passage in enumerate(passages)
         for start, end in sentences(passage)
+        if not _HEADING.match(passage, start)
     ]
     if not wanted or not found:
         return NO_ANSWER

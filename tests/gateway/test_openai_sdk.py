@@ -76,7 +76,7 @@ async def test_chat_completion_async_cites_the_retrieved_passage(stack: Stack) -
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     report = (completion.model_extra or {})["opea"]
     assert report["sources"][0]["id"] == "fruit.md#0"
-    assert report["sources"][0]["metadata"]["source"] == "fruit.md"
+    assert report["sources"][0]["metadata"] == {"source": "fruit.md", "chunk": 0}
     assert [n["name"] for n in report["nodes"]] == ["embed", "retrieve", "rerank", "chat"]
     timing = raw.headers["server-timing"]
     for node in ("embed", "retrieve", "rerank", "chat", "total"):

@@ -412,3 +412,11 @@ async def test_python_m_services_chat_serves_and_stops_on_sigterm(
         assert response.model == "extractive-answerer"
         assert "The Eiffel Tower was completed in 1889. [1]" in response.message.content
         assert await child.stop() == 0
+
+
+def test_extractive_does_not_quote_markdown_headings() -> None:
+    from services.chat.extractive import select
+
+    passage = "## Ports of the gateway\nThe gateway listens on port 8888 for REST."
+    answer = select("which port does the gateway listen on", [passage], max_sentences=3)
+    assert answer == "The gateway listens on port 8888 for REST. [1]"
