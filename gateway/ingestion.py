@@ -104,7 +104,7 @@ class Knowledge:
             for source, count in counts.items():
                 await self._delete(collection, _stale(source, count), timeout)
         finally:
-            self._pipeline.collection_changed(collection)
+            await self._pipeline.collection_changed(collection)
         return {
             "object": "ingest",
             "collection": collection,
@@ -158,7 +158,7 @@ class Knowledge:
             if req.sources:
                 deleted += await self._delete(collection, _sources(req.sources), timeout)
         finally:
-            self._pipeline.collection_changed(collection)
+            await self._pipeline.collection_changed(collection)
         return {"deleted": deleted}
 
     async def collections(self, *, timeout: float) -> dict[str, Any]:
@@ -175,7 +175,7 @@ class Knowledge:
         try:
             await self._clients.retrieval.delete_collection(name, timeout=timeout)
         finally:
-            self._pipeline.collection_changed(name)
+            await self._pipeline.collection_changed(name)
 
 
 def _stale(source: str, count: int) -> common_pb2.Filter:

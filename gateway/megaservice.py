@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.settings import Settings
-from opea_grpc.cache import MemoryCache
+from opea_grpc.cache import MemoryCache, RedisCache
 from opea_grpc.client import ChatClient, EmbeddingClient, RerankClient, RetrievalClient
 from opea_grpc.errors import ServiceError
 from opea_grpc.node import REQUEST, Node, NodeStatus, NodeTiming
@@ -130,15 +130,22 @@ def _chat_only(question: Question, done: Mapping[str, object]) -> chat_pb2.ChatR
     return question.ask.chat
 
 
+def _cache(settings: Settings, node: str) -> MemoryCache | RedisCache | None:
+    if not settings.cache_size:
+        return None
+    if settings.cache_url:
+        return RedisCache(settings.cache_url, namespace=f"opea:{node}", ttl=settings.cache_ttl)
+    return MemoryCache(settings.cache_size, ttl=settings.cache_ttl)
+
+
 class ChatQnA:
     """The pipeline, its caches, and the three graphs a request can choose from."""
 
     def __init__(self, settings: Settings, downstreams: Downstreams) -> None:
         self.settings = settings
         self.downstreams = downstreams
-        size, ttl = settings.cache_size, settings.cache_ttl
-        self.embed_cache = MemoryCache(size, ttl=ttl) if size else None
-        self.search_cache = MemoryCache(size, ttl=ttl) if size else None
+        self.embed_cache = _cache(settings, "embed")
+        self.search_cache = _cache(settings, "retrieve")
         self._graphs = {
             (True, True): self._graph(retrieval=True, rerank=True),
             (True, False): self._graph(retrieval=True, rerank=False),
@@ -224,10 +231,20 @@ class ChatQnA:
         question = self.question(request)
         return self._choose(question).stream(request, state=question, timeout=timeout)
 
-    def collection_changed(self, collection: str) -> None:
+    async def start(self) -> None:
+        for cache in (self.embed_cache, self.search_cache):
+            if isinstance(cache, RedisCache):
+                await cache.start()
+
+    async def close(self) -> None:
+        for cache in (self.embed_cache, self.search_cache):
+            if isinstance(cache, RedisCache):
+                await cache.close()
+
+    async def collection_changed(self, collection: str) -> None:
         """A write to ``collection``: cached searches may be stale, drop them."""
         if self.search_cache is not None:
-            self.search_cache.clear()
+            await self.search_cache.clear()
 
 
 class _Rerank:

@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.translate import STATUS
-from opea_grpc.cache import MemoryCache
+from opea_grpc.cache import MemoryCache, RedisCache
 from opea_grpc.node import NodeTiming
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -18,7 +18,7 @@ _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 
 class _Caches(Collector):
     """Hits and misses of the pipeline's caches, read when scraped."""
 
-    def __init__(self, caches: dict[str, MemoryCache | None]) -> None:
+    def __init__(self, caches: dict[str, MemoryCache | RedisCache | None]) -> None:
         self._caches = caches
 
     def collect(self) -> Iterator[Metric]:
@@ -37,7 +37,7 @@ class _Caches(Collector):
 
 
 class Metrics:
-    def __init__(self, caches: dict[str, MemoryCache | None]) -> None:
+    def __init__(self, caches: dict[str, MemoryCache | RedisCache | None]) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "opea_gateway_requests",

@@ -55,8 +55,10 @@ def build(
             ready=mesh.is_ready,
         )
         .on_start(mesh.start)
+        .on_start(pipeline.start)
         .on_start(rest.start)
         .on_stop(rest.stop)
+        .on_stop(pipeline.close)
         .on_stop(mesh.close)
     )
     return service

@@ -48,6 +48,10 @@ class Settings:
     #: Pipeline cache (query embeddings, retrieval results): entries and seconds; 0 disables.
     cache_size: int = 4096
     cache_ttl: float = 300.0
+    #: Empty: each gateway caches in its own memory. ``redis://host:6379/0``: replicas share
+    #: one cache there (``pip install 'opea-grpc[redis]'``), and a write through any of them
+    #: drops the cached searches of all.
+    cache_url: str = ""
 
     def __post_init__(self) -> None:
         for name in ("embedding", "retrieval", "chat"):
@@ -67,3 +71,7 @@ class Settings:
         )
         _check(self.cache_size >= 0, "OPEA_GATEWAY_CACHE_SIZE must be >= 0")
         _check(self.cache_ttl >= 0, "OPEA_GATEWAY_CACHE_TTL must be >= 0")
+        _check(
+            not self.cache_url or self.cache_url.startswith(("redis://", "rediss://", "unix://")),
+            f"OPEA_GATEWAY_CACHE_URL must be a redis:// URL, got {self.cache_url!r}",
+        )
