@@ -195,17 +195,16 @@ class _Guard:
                 status[0] = message["status"]
             await send(message)
 
-        gauge = self.metrics.in_flight
-        route = scope["path"]
-        gauge.labels(route).inc()
+        route = scope["path"] if scope["path"] in self.metrics.routes else "other"
+        gauge = self.metrics.in_flight_of(route)
+        gauge.inc()
         try:
             await self.app(scope, limited, sending)
         finally:
-            gauge.labels(route).dec()
+            gauge.dec()
             matched = scope.get("route")
             label = getattr(matched, "path", "unmatched")
-            self.metrics.requests.labels(label, str(status[0])).inc()
-            self.metrics.latency.labels(label).observe(time.perf_counter() - started)
+            self.metrics.finished(label, status[0], time.perf_counter() - started)
 
     def _message(self) -> str:
         return f"the request body exceeds {self.max_body} bytes (OPEA_GATEWAY_MAX_BODY_BYTES)"
@@ -527,6 +526,7 @@ def create_app(gw: Gateway) -> ASGIApp:
     async def metrics() -> Response:
         return Response(gw.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    gw.metrics.routes.update(getattr(r, "path", "") for r in app.routes)
     return _Guard(app, gw.metrics, settings.max_body_bytes)
 
 

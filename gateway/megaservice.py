@@ -250,6 +250,8 @@ class ChatQnA:
 class _Rerank:
     """Rerank, except that nothing to rank needs no call."""
 
+    deadline_bound = True  # the client's gRPC deadline bounds the call
+
     def __init__(self, client: RerankClient) -> None:
         self._client = client
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -69,6 +70,27 @@ class Metrics:
             registry=registry,
         )
         registry.register(_Caches(caches))
+        #: Paths labelled by name; any other path is ``other`` (no label per scanned URL).
+        self.routes: set[str] = set()
+        # Children by label values, looked up once: labels() costs more than inc().
+        self._in_flight: dict[str, Any] = {}
+        self._ended: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def in_flight_of(self, route: str) -> Any:
+        child = self._in_flight.get(route)
+        if child is None:
+            child = self._in_flight[route] = self.in_flight.labels(route)
+        return child
+
+    def finished(self, route: str, status: int, seconds: float) -> None:
+        children = self._ended.get((route, status))
+        if children is None:
+            children = self._ended[(route, status)] = (
+                self.requests.labels(route, str(status)),
+                self.latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def record_nodes(self, timings: Iterable[NodeTiming]) -> None:
         for t in timings:

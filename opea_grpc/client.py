@@ -46,6 +46,8 @@ class _Client:
     """What every typed client shares: channel, default timeout, retry budget."""
 
     SERVICE: ClassVar[str] = ""
+    #: Each call carries its timeout as the gRPC deadline: callers need no timer of their own.
+    deadline_bound: ClassVar[bool] = True
     _STUB: ClassVar[type[Any]]
 
     def __init__(

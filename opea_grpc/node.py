@@ -12,7 +12,7 @@ import enum
 import inspect
 import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from types import MappingProxyType
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -101,6 +101,9 @@ class Node(Generic[S, Req, Resp]):
     prepare: Callable[[S, Mapping[str, object]], Req] | None = None
     absorb: Callable[[S, Resp], None] | None = None
     cache: Cache | None = None
+    #: The call keeps its own deadline (a typed client's gRPC deadline), so the run sets no
+    #: timer of its own around it: the ``deadline_bound`` attribute of the call or its owner.
+    self_bounded: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self) -> None:
         if not self.name or self.name == REQUEST:
@@ -116,6 +119,10 @@ class Node(Generic[S, Req, Resp]):
                 )
             if value is None:
                 object.__setattr__(self, attribute, inferred)
+        bounded = _deadline_bound(self.call) and (
+            self.stream is None or _deadline_bound(self.stream)
+        )
+        object.__setattr__(self, "self_bounded", bounded)
         if self.cache is not None and not (
             issubclass(self.input_type, Message) and issubclass(self.output_type, Message)
         ):
@@ -123,6 +130,11 @@ class Node(Generic[S, Req, Resp]):
                 f"node {self.name!r}: a cache keys protobuf requests to protobuf replies, not"
                 f" {type_name(self.input_type)} to {type_name(self.output_type)}"
             )
+
+
+def _deadline_bound(call: object) -> bool:
+    owner = getattr(call, "__self__", None)
+    return bool(getattr(call, "deadline_bound", False) or getattr(owner, "deadline_bound", False))
 
 
 def _call_types(call: Callable[..., object]) -> tuple[type | None, type | None]:

@@ -224,7 +224,8 @@ class Run:
         try:
             # The scope also bounds calls a node makes itself (a local function calling gRPC).
             with deadline.scope(seconds):
-                reply = await _bounded(node.call(request, timeout=seconds), seconds)
+                call = node.call(request, timeout=seconds)
+                reply = await (call if node.self_bounded else _bounded(call, seconds))
         except TimeoutError:
             raise ServiceError(_DEADLINE, f"no reply within {seconds:.3g} s") from None
         if cache is not None:
@@ -302,6 +303,8 @@ class StreamRun(Generic[S]):
             left = self._until - time.perf_counter()
             if left <= 0:
                 raise ServiceError(_DEADLINE, _NO_TIME)
+            if self._sink.self_bounded:  # the stream's own deadline ends it in time
+                return await chunks.__anext__()
             return await _bounded(chunks.__anext__(), left)
         except StopAsyncIteration:
             await self._end(NodeStatus.OK, "")
