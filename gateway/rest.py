@@ -69,6 +69,7 @@ class RestServer:
             log_config=None,
             access_log=False,
             server_header=False,
+            proxy_headers=False,  # no per-request X-Forwarded-* parsing: nothing here reads it
             timeout_keep_alive=30,
         )
         config.load()
