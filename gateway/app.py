@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -161,8 +161,15 @@ def _frame(payload: object) -> bytes:
 class _Guard:
     """Outermost ASGI layer: body size limit (413), in-flight gauge, request metrics."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body: int,
+        direct: dict[tuple[str, str], ASGIApp] | None = None,
+    ) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body
+        self.direct = direct or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -201,8 +208,9 @@ class _Guard:
         route = scope["path"] if scope["path"] in self.metrics.routes else "other"
         gauge = self.metrics.in_flight_of(route)
         gauge.inc()
+        app = self.direct.get((scope["method"], scope["path"]), self.app)
         try:
-            await self.app(scope, limited, sending)
+            await app(scope, limited, sending)
         finally:
             gauge.dec()
             matched = getattr(scope.get("route"), "path", None)
@@ -234,6 +242,33 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> tuple[
     return f"{param}: {first.get('msg', 'invalid')}{more}", param
 
 
+def problem(exc: Exception) -> Response:
+    """The OpenAI-shaped error response for anything a route raised."""
+    if isinstance(exc, RequestValidationError | ValidationError):
+        message, param = _validation_message(exc)
+        return errors.response(400, errors.body(message, "invalid_request_error", param=param))
+    if isinstance(exc, ClientGone):
+        return errors.response(499, errors.body("the client closed the connection", "cancelled"))
+    return errors.of_exception(exc)
+
+
+def _direct(endpoint: Callable[[Request], Awaitable[Response]], path: str) -> ASGIApp:
+    """``endpoint`` as an ASGI app of its own, errors included: the hottest route runs outside
+    the framework's middleware and routing (about 0.05 ms of CPU per request)."""
+    route = Route(path, endpoint, methods=["POST"])
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = route
+        request = Request(scope, receive, send)
+        try:
+            response = await endpoint(request)
+        except Exception as exc:  # every error becomes its OpenAI-shaped response
+            response = problem(exc)
+        await response(scope, receive, send)
+
+    return app
+
+
 def create_app(gw: Gateway) -> ASGIApp:
     """The ASGI application of the gateway's REST facade."""
     settings = gw.pipeline.settings
@@ -247,14 +282,14 @@ def create_app(gw: Gateway) -> ASGIApp:
         return min(asked if asked is not None else settings.timeout, settings.max_timeout)
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
-        message, param = _validation_message(exc)
-        return errors.response(400, errors.body(message, "invalid_request_error", param=param))
-
     @app.exception_handler(ValidationError)
-    async def on_invalid_body(request: Request, exc: ValidationError) -> Response:
-        message, param = _validation_message(exc)
-        return errors.response(400, errors.body(message, "invalid_request_error", param=param))
+    @app.exception_handler(HTTPError)
+    @app.exception_handler(ServiceError)
+    @app.exception_handler(NodeError)
+    @app.exception_handler(grpc.aio.AioRpcError)
+    @app.exception_handler(ClientGone)
+    async def on_known(request: Request, exc: Exception) -> Response:
+        return problem(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -269,17 +304,6 @@ def create_app(gw: Gateway) -> ASGIApp:
         reply = errors.response(exc.status_code, errors.body(message, kind))
         reply.headers.update(exc.headers or {})
         return reply
-
-    @app.exception_handler(HTTPError)
-    @app.exception_handler(ServiceError)
-    @app.exception_handler(NodeError)
-    @app.exception_handler(grpc.aio.AioRpcError)
-    async def on_known(request: Request, exc: Exception) -> Response:
-        return errors.of_exception(exc)
-
-    @app.exception_handler(ClientGone)
-    async def on_gone(request: Request, exc: ClientGone) -> Response:
-        return errors.response(499, errors.body("the client closed the connection", "cancelled"))
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception) -> Response:
@@ -536,9 +560,9 @@ def create_app(gw: Gateway) -> ASGIApp:
 
     gw.metrics.routes.update(getattr(r, "path", "") for r in app.routes)
 
-    # The hottest route skips FastAPI's per-request dependency machinery: the body is validated
-    # straight from its bytes. The FastAPI declaration above stays for /openapi.json; this
-    # route, first in the list, is the one that answers.
+    # The hottest route skips FastAPI's per-request machinery: the body is validated straight
+    # from its bytes and errors are mapped here. The FastAPI declaration above stays for
+    # /openapi.json (and answers only if this one is taken away).
     async def chat_completions_fast(request: Request) -> Response:
         try:
             raw = await request.body()
@@ -547,10 +571,10 @@ def create_app(gw: Gateway) -> ASGIApp:
         body = schemas.ChatCompletionRequest.model_validate_json(raw)
         return await chat_completions(body, request)
 
-    app.router.routes.insert(
-        0, Route("/v1/chat/completions", chat_completions_fast, methods=["POST"])
-    )
-    return _Guard(app, gw.metrics, settings.max_body_bytes)
+    direct = {
+        ("POST", "/v1/chat/completions"): _direct(chat_completions_fast, "/v1/chat/completions")
+    }
+    return _Guard(app, gw.metrics, settings.max_body_bytes, direct)
 
 
 __all__ = ["ClientGone", "EventStream", "Gateway", "create_app", "guarded"]
