@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import gc
 import importlib
+import inspect
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from opea_grpc.config import ConfigError, ServerConfig, load
+from opea_grpc.config import ClientConfig, ConfigError, ServerConfig, load
 from opea_grpc.server import MicroService
 
 log = logging.getLogger("opea_grpc")
@@ -84,7 +85,10 @@ def build_builtin(
     }:
         raise UsageError(f"--backend does not apply to {name}")
     settings = load(module.Settings, env, prefix=prefix, overrides={"backend": backend})
-    service = module.build(server, settings)
+    extra: dict[str, object] = {}
+    if "client" in inspect.signature(module.build).parameters:  # it calls other services
+        extra["client"] = load(ClientConfig, env, prefix="OPEA_CLIENT_")
+    service = module.build(server, settings, **extra)
     if not isinstance(service, MicroService):
         raise TypeError(f"{module.__name__}.build returned {type(service).__name__}")
     return service
