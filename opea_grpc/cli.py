@@ -4,8 +4,10 @@
     opea-grpc health TARGET [--service NAME]         gRPC health probe: exit 0 only when SERVING
     opea-grpc graph MODULE:ATTR [--format mermaid]   print a pipeline's graph
     opea-grpc demo [--once]                          the README's example, served and run
+    opea-grpc up [--docs PATH] [--free-ports]        every service and the gateway, with a corpus
+    opea-grpc ingest PATH... [--url URL]             send documents to a running gateway
 
-``SERVICE`` is a built-in service name or ``module:attr`` naming a :class:`MicroService` or a
+``SERVICE`` is a built-in service name (embedding, retrieval, rerank, chat, gateway) or ``module:attr`` naming a :class:`MicroService` or a
 function ``(ServerConfig) -> MicroService``. Settings come from ``OPEA_*`` variables; flags win.
 """
 
