@@ -15,8 +15,9 @@ from gateway.megaservice import ChatQnA
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
 from gateway.rest import RestServer
-from gateway.servicer import ChatQnAServicer
+from gateway.servicer import ChatQnAServicer, ModelsServicer
 from gateway.settings import Settings
+from opea_grpc import models
 from opea_grpc.config import ClientConfig, ServerConfig
 from opea_grpc.pb.v1 import chatqna_pb2_grpc
 from opea_grpc.server import MicroService, ServiceRole, ServiceType
@@ -54,6 +55,7 @@ def build(
             ChatQnAServicer(pipeline),
             ready=mesh.is_ready,
         )
+        .add_service(models.add_to_server, ModelsServicer(mesh))
         .on_start(mesh.start)
         .on_start(pipeline.start)
         .on_start(rest.start)

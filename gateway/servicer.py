@@ -1,12 +1,26 @@
-"""The gateway's gRPC face: ``opea.v1.ChatQnAService`` over the same pipeline as REST."""
+"""The gateway's gRPC face: ``opea.v1.ChatQnAService`` over the same pipeline as REST, and
+``opea.v1.ModelService`` listing what the downstreams serve."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 from gateway.megaservice import ChatQnA, node_reports
-from opea_grpc.pb.v1 import chatqna_pb2, chatqna_pb2_grpc
+from gateway.mesh import Mesh
+from opea_grpc.pb.v1 import chatqna_pb2, chatqna_pb2_grpc, common_pb2, common_pb2_grpc
 from opea_grpc.server import Context
+
+
+class ModelsServicer(common_pb2_grpc.ModelServiceServicer):
+    """``opea.v1.ModelService`` on the gateway: every model its downstreams serve."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    async def ListModels(
+        self, request: common_pb2.ListModelsRequest, context: Context
+    ) -> common_pb2.ListModelsResponse:
+        return common_pb2.ListModelsResponse(models=await self._mesh.models())
 
 
 class ChatQnAServicer(chatqna_pb2_grpc.ChatQnAServiceServicer):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from opea_grpc.channel import connect
-from opea_grpc.client import ChatQnAClient
+from opea_grpc.client import ChatQnAClient, ModelClient
 from opea_grpc.pb.v1 import chat_pb2, chatqna_pb2
 from opea_grpc.server import MicroService
 from tests.gateway.conftest import Stack, default_services, running
@@ -206,7 +206,7 @@ async def test_openapi_documents_routes_and_their_errors(stack: Stack) -> None:
 async def test_grpc_face_asks_and_streams(stack: Stack) -> None:
     await ingest(stack)
     gateway: MicroService = stack.gateway
-    channel = connect(gateway.target, [ChatQnAClient.SERVICE])
+    channel = connect(gateway.target, [ChatQnAClient.SERVICE, ModelClient.SERVICE])
     try:
         client = ChatQnAClient(channel)
         message = chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, content=QUESTION)
@@ -219,6 +219,8 @@ async def test_grpc_face_asks_and_streams(stack: Stack) -> None:
         assert chunks[0].sources[0].document.id == "fruit.md#0"
         assert "potassium" in "".join(c.chunk.content for c in chunks)
         assert [n.name for n in chunks[-1].nodes][-1] == "chat"
+        listed = await ModelClient(channel).list_models()
+        assert {"extractive-answerer", "bm25-rrf"} <= {m.id for m in listed.models}
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await client.ask(chatqna_pb2.AskRequest(), timeout=10)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
