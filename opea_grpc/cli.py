@@ -7,8 +7,9 @@
     opea-grpc up [--docs PATH] [--free-ports]        every service and the gateway, with a corpus
     opea-grpc ingest PATH... [--url URL]             send documents to a running gateway
 
-``SERVICE`` is a built-in service name (embedding, retrieval, rerank, chat, gateway) or ``module:attr`` naming a :class:`MicroService` or a
-function ``(ServerConfig) -> MicroService``. Settings come from ``OPEA_*`` variables; flags win.
+``SERVICE`` is a built-in service name (embedding, retrieval, rerank, chat, gateway) or
+``module:attr`` naming a :class:`MicroService` or a function ``(ServerConfig) -> MicroService``.
+Settings come from ``OPEA_*`` variables; flags win.
 """
 
 from __future__ import annotations
