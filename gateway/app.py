@@ -76,6 +76,14 @@ _EVENT = {
     "required": ["data"],
 }
 _PIPELINE_ERRORS = _error_docs(404, 429, 499, 503, 504)
+
+
+def _answers(description: str) -> dict[int | str, dict[str, Any]]:
+    """The documented responses of a pipeline route: JSON or an event stream, and errors."""
+    ok = {"description": description, "content": {"text/event-stream": {"schema": _EVENT}}}
+    return {**_PIPELINE_ERRORS, 200: ok}
+
+
 _SERVICE_ERRORS = _error_docs(404, 429, 503, 504)
 
 
@@ -375,14 +383,10 @@ def create_app(gw: Gateway) -> ASGIApp:
     @app.post(
         "/v1/chat/completions",
         response_model=schemas.ChatCompletion,
-        responses={
-            **_PIPELINE_ERRORS,
-            200: {
-                "description": "A chat.completion, or with stream=true an event stream of"
-                " chat.completion.chunk frames ending with `data: [DONE]`",
-                "content": {"text/event-stream": {"schema": _EVENT}},
-            },
-        },
+        responses=_answers(
+            "A chat.completion, or with stream=true an event stream of chat.completion.chunk"
+            " frames ending with `data: [DONE]`"
+        ),
         summary="Answer with the RAG pipeline (OpenAI chat completions)",
     )
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Response:
@@ -400,14 +404,10 @@ def create_app(gw: Gateway) -> ASGIApp:
     @app.post(
         "/v1/chatqna",
         response_model=schemas.ChatCompletion,
-        responses={
-            **_PIPELINE_ERRORS,
-            200: {
-                "description": "OPEA's ChatQnA request, answered as an OpenAI chat completion"
-                " (streamed unless stream=false, as OPEA does)",
-                "content": {"text/event-stream": {"schema": _EVENT}},
-            },
-        },
+        responses=_answers(
+            "OPEA's ChatQnA request, answered as an OpenAI chat completion (streamed unless"
+            " stream=false, as OPEA does)"
+        ),
         summary="OPEA ChatQnA-compatible entry point",
     )
     async def chatqna(body: schemas.ChatQnARequest, request: Request) -> Any:
