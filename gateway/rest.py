@@ -8,9 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from opea_grpc.config import ServerConfig
 
 _log = logging.getLogger(__name__)
 
@@ -26,8 +30,17 @@ def _http_implementation() -> str:
 class RestServer:
     """Serves ``app`` on ``host:port`` (0: any free port) from :meth:`start` to :meth:`stop`."""
 
-    def __init__(self, app: ASGIApp, *, host: str, port: int, name: str = "gateway") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        host: str,
+        port: int,
+        name: str = "gateway",
+        tls: ServerConfig | None = None,
+    ) -> None:
         self.app, self.host = app, host
+        self._tls = tls if tls is not None and tls.tls_cert else None
         self._wanted = port
         self._name = name
         self._socket: socket.socket | None = None
@@ -38,7 +51,20 @@ class RestServer:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
+
+    def _ssl(self) -> dict[str, Any]:
+        """uvicorn's TLS settings: the gRPC face's certificate, and its client-auth rule."""
+        tls = self._tls
+        if tls is None:
+            return {}
+        return {
+            "ssl_certfile": tls.tls_cert,
+            "ssl_keyfile": tls.tls_key,
+            "ssl_ca_certs": tls.tls_ca or None,
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if tls.tls_client_auth else ssl.CERT_NONE,
+        }
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -71,6 +97,7 @@ class RestServer:
             server_header=False,
             proxy_headers=False,  # no per-request X-Forwarded-* parsing: nothing here reads it
             timeout_keep_alive=30,
+            **self._ssl(),
         )
         config.load()
         server = self._server = uvicorn.Server(config)

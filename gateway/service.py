@@ -4,7 +4,9 @@
 >>> grpc_port = await service.start()        # REST is up too: service.rest.port
 
 ``opea-grpc serve gateway`` (or ``python -m gateway``) builds it from ``OPEA_GATEWAY_*``: the gRPC
-face on ``--port`` (50050), REST on ``OPEA_GATEWAY_REST_PORT`` (8888), same host.
+face on ``--port`` (50050), REST on ``OPEA_GATEWAY_REST_PORT`` (8888), same host. With
+``OPEA_TLS_CERT``/``OPEA_TLS_KEY`` both speak TLS with that certificate (HTTPS for REST), and
+``OPEA_TLS_CLIENT_AUTH`` makes both require a client certificate.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def build(
     pipeline = ChatQnA(settings, mesh.clients)
     metrics = Metrics({"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache})
     gateway = Gateway(mesh, pipeline, Knowledge(pipeline), metrics)
-    rest = RestServer(create_app(gateway), host=server.host, port=settings.rest_port, name=NAME)
+    rest = RestServer(
+        create_app(gateway), host=server.host, port=settings.rest_port, name=NAME, tls=server
+    )
 
     service = GatewayService(
         NAME, service_type=ServiceType.GATEWAY, service_role=ServiceRole.MEGASERVICE, config=server

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import grpc
 
 from opea_grpc.config import ClientConfig
+from opea_grpc.tls import channel_credentials
 
 #: Methods whose retry cannot do harm, by service. Every method of our contracts is safe to
 #: repeat: reads have no effect, upserts and deletes are idempotent by document id.
@@ -110,8 +111,14 @@ def connect(
     The channel connects lazily and lives as long as the process; close it at shutdown.
     """
     cfg = config if config is not None else ClientConfig()
-    return grpc.aio.insecure_channel(
-        target, options=channel_options(services, cfg), interceptors=interceptors or None
+    options = channel_options(services, cfg)
+    credentials = channel_credentials(cfg)
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)
+    if cfg.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", cfg.tls_server_name))
+    return grpc.aio.secure_channel(
+        target, credentials, options=options, interceptors=interceptors or None
     )
 
 

@@ -6,6 +6,7 @@
     opea-grpc demo [--once]                          the README's example, served and run
     opea-grpc up [--docs PATH] [--free-ports]        every service and the gateway, with a corpus
     opea-grpc ingest PATH... [--url URL]             send documents to a running gateway
+    opea-grpc certs DIR [--names a,b] [--hosts h]    a development CA and certificates (TLS)
 
 ``SERVICE`` is a built-in service name (embedding, retrieval, rerank, chat, gateway) or
 ``module:attr`` naming a :class:`MicroService` or a function ``(ServerConfig) -> MicroService``.
@@ -32,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from opea_grpc.config import ClientConfig, ConfigError, ServerConfig, load
 from opea_grpc.server import MicroService
+from opea_grpc.tls import channel_credentials
 
 log = logging.getLogger("opea_grpc")
 
@@ -185,7 +187,19 @@ def cmd_demo(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    client = load(ClientConfig, env, prefix="OPEA_CLIENT_")
+    credentials = channel_credentials(client)
+    options = (
+        [("grpc.ssl_target_name_override", client.tls_server_name)]
+        if client.tls_server_name
+        else []
+    )
+    channel = (
+        grpc.insecure_channel(args.target)
+        if credentials is None
+        else grpc.secure_channel(args.target, credentials, options=options)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(
@@ -199,6 +213,22 @@ def cmd_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(f"{args.target} {args.service or '(server)'}: {status}")
     return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else EXIT_NOT_SERVING
+
+
+def cmd_certs(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from pathlib import Path
+
+    from opea_grpc import certs
+
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
+    if not names:
+        raise UsageError("--names lists no name")
+    directory = Path(args.directory)
+    for issued in certs.issue(directory, names, hosts):
+        print(f"{issued.name}: {issued.cert} {issued.key}")
+    print(f"CA: {directory / 'ca.pem'}")
+    return 0
 
 
 def cmd_graph(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -279,6 +309,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, help="port to bind, 0 for any (OPEA_PORT)")
     demo.add_argument("--once", action="store_true", help="run the pipeline once and exit")
     demo.set_defaults(run=cmd_demo)
+
+    certs = sub.add_parser("certs", help="write a development CA and per-service certificates")
+    certs.add_argument("directory", help="where to write them (an existing CA there is reused)")
+    certs.add_argument(
+        "--names",
+        default="embedding,retrieval,rerank,chat,gateway,client",
+        help="one certificate per name (default: the services, the gateway and a client)",
+    )
+    certs.add_argument("--hosts", help="more DNS names or IPs every certificate is valid for")
+    certs.set_defaults(run=cmd_certs)
 
     graph = sub.add_parser("graph", help="print a pipeline's graph")
     graph.add_argument("pipeline", help="MODULE:ATTR naming a ServiceOrchestrator or a factory")

@@ -115,6 +115,12 @@ class ServerConfig:
     #: Threads numpy's BLAS may use in this process (0: the library's default, one per core).
     #: One suits several services sharing a machine: idle BLAS threads spin against each other.
     blas_threads: int = 1
+    #: TLS: PEM certificate chain and key (both, or neither for plaintext); with
+    #: ``tls_client_auth`` clients must present a certificate signed by ``tls_ca``.
+    tls_cert: str = ""
+    tls_key: str = dataclasses.field(default="", repr=False)
+    tls_ca: str = ""
+    tls_client_auth: bool = False
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"OPEA_PORT: {self.port} is not a port (0-65535)")
@@ -127,6 +133,15 @@ class ServerConfig:
         _check(self.drain_delay >= 0, "OPEA_DRAIN_DELAY must be >= 0")
         _check(self.grace >= 0, "OPEA_GRACE must be >= 0")
         _check(self.blas_threads >= 0, "OPEA_BLAS_THREADS must be >= 0")
+        _check(
+            bool(self.tls_cert) == bool(self.tls_key),
+            "OPEA_TLS_CERT and OPEA_TLS_KEY go together: set both for TLS, neither for plaintext",
+        )
+        _check(
+            not self.tls_client_auth or bool(self.tls_ca and self.tls_cert),
+            "OPEA_TLS_CLIENT_AUTH needs OPEA_TLS_CA (the CA client certificates must be signed "
+            "by) and the server's own OPEA_TLS_CERT / OPEA_TLS_KEY",
+        )
 
     @property
     def address(self) -> str:
@@ -154,9 +169,21 @@ class ClientConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
+    #: TLS to the servers: on with ``tls`` or a CA or a client certificate. ``tls_ca`` is the
+    #: CA to trust (default: the system's); ``tls_cert``/``tls_key`` answer mutual TLS;
+    #: ``tls_server_name`` checks that name instead of the target's host (say, an IP target).
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = dataclasses.field(default="", repr=False)
+    tls_server_name: str = ""
 
     def __post_init__(self) -> None:
         _check(self.timeout > 0, "OPEA_CLIENT_TIMEOUT must be positive")
+        _check(
+            bool(self.tls_cert) == bool(self.tls_key),
+            "OPEA_CLIENT_TLS_CERT and OPEA_CLIENT_TLS_KEY go together: set both or neither",
+        )
         _check(1 <= self.max_attempts <= 5, "OPEA_CLIENT_MAX_ATTEMPTS must be 1..5 (gRPC's cap)")
         _check(self.initial_backoff > 0, "OPEA_CLIENT_INITIAL_BACKOFF must be positive")
         _check(self.max_backoff >= self.initial_backoff, "OPEA_CLIENT_MAX_BACKOFF < initial")

@@ -24,6 +24,7 @@ from opea_grpc.config import ServerConfig
 from opea_grpc.health import HEALTH_SERVICE, NOT_SERVING, SERVING, HealthService
 from opea_grpc.interceptor import guard
 from opea_grpc.reflection import enable_reflection
+from opea_grpc.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,10 @@ class MicroService:
             server.add_registered_method_handlers(reg.name, reg.handlers)  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(server, [*self.services, HEALTH_SERVICE])
+        credentials = server_credentials(cfg)
         try:
+            if credentials is not None:
+                return server, server.add_secure_port(cfg.address, credentials)
             return server, server.add_insecure_port(cfg.address)
         except RuntimeError:
             raise OSError(f"{self.name}: cannot listen on {cfg.address} (in use?)") from None
