@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import errors, schemas, translate
+from gateway.auth import KeyRing, route_scope
 from gateway.errors import HTTPError
 from gateway.ingestion import Knowledge
 from gateway.megaservice import ChatQnA
@@ -175,18 +176,34 @@ class _Guard:
         metrics: Metrics,
         max_body: int,
         direct: dict[tuple[str, str], ASGIApp] | None = None,
+        keys: KeyRing | None = None,
+        metrics_closed: bool = False,
     ) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body
         self.direct = direct or {}
+        self.keys, self.metrics_closed = keys, metrics_closed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        authorization = None
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 await self._too_large(send)
                 return
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+        if self.keys is not None:
+            guarded, needed = route_scope(
+                scope["method"], scope["path"], metrics_closed=self.metrics_closed
+            )
+            if guarded:
+                try:
+                    self.keys.check(authorization, needed)
+                except ServiceError as denied:
+                    await self._refuse(send, denied)
+                    return
         started = time.perf_counter()
         status = [500]
         seen = [0]
@@ -227,6 +244,22 @@ class _Guard:
 
     def _message(self) -> str:
         return f"the request body exceeds {self.max_body} bytes (OPEA_GATEWAY_MAX_BODY_BYTES)"
+
+    async def _refuse(self, send: Send, refused: ServiceError) -> None:
+        unauthenticated = refused.code is grpc.StatusCode.UNAUTHENTICATED
+        status, kind, code = (
+            (401, "authentication_error", "invalid_api_key")
+            if unauthenticated
+            else (403, "permission_error", "insufficient_scope")
+        )
+        headers = [(b"content-type", b"application/json")]
+        if unauthenticated:
+            headers.append((b"www-authenticate", b'Bearer realm="opea-grpc"'))
+        self.metrics.finished("refused", status, 0.0)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": errors.body(refused.message, kind, code=code)}
+        )
 
     async def _too_large(self, send: Send) -> None:
         content = errors.body(self._message(), "invalid_request_error", code="request_too_large")
@@ -277,8 +310,10 @@ def _direct(endpoint: Callable[[Request], Awaitable[Response]], path: str) -> AS
     return app
 
 
-def create_app(gw: Gateway) -> ASGIApp:
-    """The ASGI application of the gateway's REST facade."""
+def create_app(
+    gw: Gateway, *, keys: KeyRing | None = None, metrics_closed: bool = False
+) -> ASGIApp:
+    """The ASGI application of the gateway's REST facade (API keys checked when ``keys``)."""
     settings = gw.pipeline.settings
     app = FastAPI(
         title="opea-grpc gateway",
@@ -574,7 +609,7 @@ def create_app(gw: Gateway) -> ASGIApp:
     direct = {
         ("POST", "/v1/chat/completions"): _direct(chat_completions_fast, "/v1/chat/completions")
     }
-    return _Guard(app, gw.metrics, settings.max_body_bytes, direct)
+    return _Guard(app, gw.metrics, settings.max_body_bytes, direct, keys, metrics_closed)
 
 
 __all__ = ["ClientGone", "EventStream", "Gateway", "create_app", "guarded"]

@@ -12,6 +12,7 @@ face on ``--port`` (50050), REST on ``OPEA_GATEWAY_REST_PORT`` (8888), same host
 from __future__ import annotations
 
 from gateway.app import Gateway, create_app
+from gateway.auth import AuthInterceptor, KeyRing
 from gateway.ingestion import Knowledge
 from gateway.megaservice import ChatQnA
 from gateway.mesh import Mesh
@@ -45,12 +46,16 @@ def build(
     pipeline = ChatQnA(settings, mesh.clients)
     metrics = Metrics({"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache})
     gateway = Gateway(mesh, pipeline, Knowledge(pipeline), metrics)
-    rest = RestServer(
-        create_app(gateway), host=server.host, port=settings.rest_port, name=NAME, tls=server
-    )
+    keys = KeyRing.from_file(settings.api_keys_file) if settings.api_keys_file else None
+    app = create_app(gateway, keys=keys, metrics_closed=settings.metrics_auth)
+    rest = RestServer(app, host=server.host, port=settings.rest_port, name=NAME, tls=server)
 
     service = GatewayService(
-        NAME, service_type=ServiceType.GATEWAY, service_role=ServiceRole.MEGASERVICE, config=server
+        NAME,
+        service_type=ServiceType.GATEWAY,
+        service_role=ServiceRole.MEGASERVICE,
+        config=server,
+        interceptors=[AuthInterceptor(keys)] if keys is not None else (),
     )
     service.rest, service.gateway = rest, gateway
     (

@@ -52,6 +52,10 @@ class Settings:
     #: one cache there (``pip install 'opea-grpc[redis]'``), and a write through any of them
     #: drops the cached searches of all.
     cache_url: str = ""
+    #: API keys (hashed, with scopes; see gateway.auth); empty: no key needed.
+    api_keys_file: str = ""
+    #: With API keys: /metrics needs an admin key too.
+    metrics_auth: bool = False
 
     def __post_init__(self) -> None:
         for name in ("embedding", "retrieval", "chat"):

@@ -7,6 +7,7 @@
     opea-grpc up [--docs PATH] [--free-ports]        every service and the gateway, with a corpus
     opea-grpc ingest PATH... [--url URL]             send documents to a running gateway
     opea-grpc certs DIR [--names a,b] [--hosts h]    a development CA and certificates (TLS)
+    opea-grpc keys new --scopes chat,embeddings      a gateway API key and its keys-file line
 
 ``SERVICE`` is a built-in service name (embedding, retrieval, rerank, chat, gateway) or
 ``module:attr`` naming a :class:`MicroService` or a function ``(ServerConfig) -> MicroService``.
@@ -231,6 +232,20 @@ def cmd_certs(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from gateway import auth
+
+    scopes = sorted({s.strip() for s in args.scopes.split(",") if s.strip()})
+    unknown = [s for s in scopes if s not in auth.SCOPES]
+    if not scopes or unknown:
+        raise UsageError(f"--scopes takes some of {', '.join(auth.SCOPES)}; got {args.scopes!r}")
+    key = auth.new_key()
+    print(f"key (give it to the client; it is shown once): {key}")
+    print("line for OPEA_GATEWAY_API_KEYS_FILE:")
+    print(f"{auth.digest(key)} {','.join(scopes)} {args.name}".rstrip())
+    return 0
+
+
 def cmd_graph(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from opea_grpc.orchestrator import ServiceOrchestrator
 
@@ -319,6 +334,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     certs.add_argument("--hosts", help="more DNS names or IPs every certificate is valid for")
     certs.set_defaults(run=cmd_certs)
+
+    keys = sub.add_parser("keys", help="make a gateway API key and its keys-file line")
+    keys.add_argument("action", choices=("new",))
+    keys.add_argument("--scopes", required=True, help="chat,embeddings,rerank,search,ingest,admin")
+    keys.add_argument("--name", default="", help="a name for the logs")
+    keys.set_defaults(run=cmd_keys)
 
     graph = sub.add_parser("graph", help="print a pipeline's graph")
     graph.add_argument("pipeline", help="MODULE:ATTR naming a ServiceOrchestrator or a factory")

@@ -1,0 +1,113 @@
+"""API keys with scopes: REST through the openai SDK and raw HTTP, and the gRPC face."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from gateway.auth import KeyRing, digest
+from opea_grpc.channel import connect
+from opea_grpc.client import ChatQnAClient
+from opea_grpc.config import ConfigError
+from opea_grpc.pb.v1 import chat_pb2, chatqna_pb2
+from opea_grpc.testing import wait_for_serving
+from tests.gateway.conftest import Stack, default_services, running
+
+READER, WRITER = "og-reader-key", "og-writer-key"
+QUESTION = [{"role": "user", "content": "Which fruit is rich in potassium?"}]
+
+
+@pytest.fixture
+async def guarded(tmp_path: Path) -> AsyncIterator[Stack]:
+    keys = tmp_path / "keys"
+    keys.write_text(
+        f"# test keys\n{digest(READER)} chat,embeddings reader\n"
+        f"{digest(WRITER)} ingest,chat,admin writer\n"
+    )
+    async with running(
+        default_services(tmp_path / "data"), api_keys_file=str(keys), metrics_auth=True
+    ) as stack:
+        yield stack
+
+
+def sdk(stack: Stack, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.api, api_key=key, max_retries=0)
+
+
+async def test_missing_or_wrong_key_is_401(guarded: Stack) -> None:
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        await sdk(guarded, "og-nope").chat.completions.create(
+            model="extractive-answerer",
+            messages=QUESTION,  # type: ignore[arg-type]
+        )
+    assert wrong.value.code == "invalid_api_key"
+    async with httpx.AsyncClient(base_url=guarded.url) as http:
+        missing = await http.post("/v1/chat/completions", json={})
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert "Authorization: Bearer" in missing.json()["error"]["message"]
+
+
+async def test_a_key_without_the_scope_is_403(guarded: Stack) -> None:
+    docs = {"documents": [{"id": "a.md", "text": "Bananas are rich in potassium."}]}
+    async with httpx.AsyncClient(base_url=guarded.url) as http:
+        headers = {"authorization": f"Bearer {READER}"}
+        refused = await http.post("/v1/ingest", json=docs, headers=headers)
+        assert refused.status_code == 403
+        assert "may not use 'ingest'" in refused.json()["error"]["message"]
+        assert (await http.get("/metrics", headers=headers)).status_code == 403
+        writer = {"authorization": f"Bearer {WRITER}"}
+        assert (await http.post("/v1/ingest", json=docs, headers=writer)).status_code == 200
+        assert (await http.get("/metrics", headers=writer)).status_code == 200
+        assert (await http.get("/healthz")).status_code == 200  # health stays open
+        assert (await http.get("/openapi.json")).status_code == 200
+    reader = sdk(guarded, READER)
+    answer = await reader.chat.completions.create(
+        model="extractive-answerer",
+        messages=QUESTION,  # type: ignore[arg-type]
+    )
+    assert "potassium" in (answer.choices[0].message.content or "")
+    with pytest.raises(openai.PermissionDeniedError):
+        await reader.post("/rerank", body={"query": "q", "documents": ["d"]}, cast_to=object)
+
+
+async def test_grpc_face_needs_a_key_with_the_chat_scope(guarded: Stack) -> None:
+    channel = connect(guarded.gateway.target, [ChatQnAClient.SERVICE])
+    try:
+        await wait_for_serving(channel)  # health stays open
+        client = ChatQnAClient(channel)
+        message = chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, content="potassium?")
+        request = chatqna_pb2.AskRequest(
+            chat=chat_pb2.ChatRequest(messages=[message]),
+            rag=chatqna_pb2.RagOptions(disable_retrieval=True),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await client.ask(request, timeout=10)
+        assert missing.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            async for _ in client.ask_stream(request, timeout=10):
+                pass
+        assert streamed.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        reply = await client.ask(
+            request, timeout=10, metadata=(("authorization", f"Bearer {READER}"),)
+        )
+        assert reply.chat.message.content
+    finally:
+        await channel.close(None)
+
+
+def test_keys_file_is_checked(tmp_path: Path) -> None:
+    bad = tmp_path / "keys"
+    bad.write_text(f"{digest('k')} chat,root\n")
+    with pytest.raises(ConfigError, match="unknown scope 'root'"):
+        KeyRing.from_file(str(bad))
+    bad.write_text("plaintext-key chat\n")
+    with pytest.raises(ConfigError, match="sha256"):
+        KeyRing.from_file(str(bad))
+    with pytest.raises(ConfigError, match="cannot read"):
+        KeyRing.from_file(str(tmp_path / "missing"))
