@@ -30,6 +30,7 @@ from gateway import errors, schemas, translate
 from gateway.auth import KeyRing, route_scope
 from gateway.errors import HTTPError
 from gateway.ingestion import Knowledge
+from gateway.limits import Limiter
 from gateway.megaservice import ChatQnA
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
@@ -47,6 +48,8 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _DONE = b"data: [DONE]\n\n"
+#: Where a request's model tokens are left for the rate limiter (in the ASGI scope's state).
+USAGE = "opea_usage_tokens"
 
 
 def _json(content: object, headers: dict[str, str] | None = None) -> Response:
@@ -178,10 +181,11 @@ class _Guard:
         direct: dict[tuple[str, str], ASGIApp] | None = None,
         keys: KeyRing | None = None,
         metrics_closed: bool = False,
+        limiter: Limiter | None = None,
     ) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body
         self.direct = direct or {}
-        self.keys, self.metrics_closed = keys, metrics_closed
+        self.keys, self.metrics_closed, self.limiter = keys, metrics_closed, limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -194,16 +198,21 @@ class _Guard:
                 return
             if name == b"authorization":
                 authorization = value.decode("latin-1")
-        if self.keys is not None:
+        who = ""
+        if self.keys is not None or self.limiter is not None:
             guarded, needed = route_scope(
                 scope["method"], scope["path"], metrics_closed=self.metrics_closed
             )
-            if guarded:
-                try:
-                    self.keys.check(authorization, needed)
-                except ServiceError as denied:
-                    await self._refuse(send, denied)
-                    return
+            try:
+                if guarded and self.keys is not None:
+                    who = self.keys.check(authorization, needed).name
+                elif guarded:
+                    who = (scope.get("client") or ("unknown",))[0]
+                if who and self.limiter is not None:
+                    self.limiter.admit(who)
+            except ServiceError as denied:
+                await self._refuse(send, denied)
+                return
         started = time.perf_counter()
         status = [500]
         seen = [0]
@@ -238,6 +247,8 @@ class _Guard:
             await app(scope, limited, sending)
         finally:
             gauge.dec()
+            if who and self.limiter is not None:
+                self.limiter.charge(who, scope.get("state", {}).get(USAGE, 0))
             matched = getattr(scope.get("route"), "path", None)
             label = matched or (route if route != "other" else "unmatched")
             self.metrics.finished(label, status[0], time.perf_counter() - started)
@@ -247,14 +258,16 @@ class _Guard:
 
     async def _refuse(self, send: Send, refused: ServiceError) -> None:
         unauthenticated = refused.code is grpc.StatusCode.UNAUTHENTICATED
-        status, kind, code = (
-            (401, "authentication_error", "invalid_api_key")
-            if unauthenticated
-            else (403, "permission_error", "insufficient_scope")
-        )
+        status, kind, code = {
+            grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
+            grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", "insufficient_scope"),
+        }.get(refused.code, (429, "rate_limit_error", "rate_limit_exceeded"))
         headers = [(b"content-type", b"application/json")]
         if unauthenticated:
             headers.append((b"www-authenticate", b'Bearer realm="opea-grpc"'))
+        for name, value in refused.trailing_metadata:
+            if name == "retry-after":
+                headers.append((b"retry-after", str(value).encode()))
         self.metrics.finished("refused", status, 0.0)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send(
@@ -311,7 +324,11 @@ def _direct(endpoint: Callable[[Request], Awaitable[Response]], path: str) -> AS
 
 
 def create_app(
-    gw: Gateway, *, keys: KeyRing | None = None, metrics_closed: bool = False
+    gw: Gateway,
+    *,
+    keys: KeyRing | None = None,
+    metrics_closed: bool = False,
+    limiter: Limiter | None = None,
 ) -> ASGIApp:
     """The ASGI application of the gateway's REST facade (API keys checked when ``keys``)."""
     settings = gw.pipeline.settings
@@ -376,6 +393,7 @@ def create_app(
         try:
             if not stream:
                 result = await guarded(request, gw.pipeline.ask(ask, timeout=timeout))
+                request.scope.setdefault("state", {})[USAGE] = result.response.usage.total_tokens
                 gw.metrics.record_nodes(result.timings)
                 timing = translate.server_timing(result.timings, time.perf_counter() - started)
                 return _json(translate.completion(result), {"server-timing": timing})
@@ -389,9 +407,12 @@ def create_app(
             bypass.reset(token)
         gw.metrics.first_token.observe(time.perf_counter() - started)
         timing = translate.server_timing(run.timings)
-        return EventStream(_frames(run, first, include_usage), {"server-timing": timing})
+        state = request.scope.setdefault("state", {})
+        return EventStream(_frames(run, first, include_usage, state), {"server-timing": timing})
 
-    async def _frames(run: StreamRun[Any], first: Any, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _frames(
+        run: StreamRun[Any], first: Any, include_usage: bool, state: dict[str, Any]
+    ) -> AsyncIterator[bytes]:
         try:
             head = translate.chunk(first, include_usage)
             report = {
@@ -404,6 +425,8 @@ def create_app(
                 head["opea"] = report
             yield _frame(head)
             async for piece in run:
+                if piece.HasField("usage"):
+                    state[USAGE] = piece.usage.total_tokens
                 payload = translate.chunk(piece, include_usage)
                 if payload is not None:
                     yield _frame(payload)
@@ -609,7 +632,7 @@ def create_app(
     direct = {
         ("POST", "/v1/chat/completions"): _direct(chat_completions_fast, "/v1/chat/completions")
     }
-    return _Guard(app, gw.metrics, settings.max_body_bytes, direct, keys, metrics_closed)
+    return _Guard(app, gw.metrics, settings.max_body_bytes, direct, keys, metrics_closed, limiter)
 
 
 __all__ = ["ClientGone", "EventStream", "Gateway", "create_app", "guarded"]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from gateway.limits import Limiter
 from opea_grpc.config import ConfigError
 from opea_grpc.errors import ServiceError
 
@@ -165,8 +166,8 @@ else:  # the class is generic to the type checker only
 class AuthInterceptor(_Interceptor):
     """Refuses gRPC calls without a key that holds the method's scope."""
 
-    def __init__(self, keys: KeyRing) -> None:
-        self._keys = keys
+    def __init__(self, keys: KeyRing | None, limiter: Limiter | None = None) -> None:
+        self._keys, self._limiter = keys, limiter
 
     async def intercept_service(
         self,
@@ -179,24 +180,32 @@ class AuthInterceptor(_Interceptor):
         handler = await continuation(details)
         if handler is None or method.startswith(_OPEN_SERVICES):
             return handler
-        metadata = dict(details.invocation_metadata or ())
-        value = metadata.get("authorization")
-        authorization = value.decode("latin-1") if isinstance(value, bytes) else value
         try:
-            self._keys.check(authorization, METHODS.get(method, "admin"))
+            name = caller(self._keys, details.invocation_metadata, METHODS.get(method, "admin"))
+            if self._limiter is not None:
+                self._limiter.admit(name)
         except ServiceError as refused:
             return _refusal(handler, refused)
         return handler
+
+
+def caller(keys: KeyRing | None, metadata: Any, scope: str | None) -> str:
+    """Who calls (the key's name; ``anonymous`` without keys), checked against ``scope``."""
+    if keys is None:
+        return "anonymous"
+    value = dict(metadata or ()).get("authorization")
+    authorization = value.decode("latin-1") if isinstance(value, bytes) else value
+    return keys.check(authorization, scope).name
 
 
 def _refusal(
     handler: grpc.RpcMethodHandler[Any, Any], refused: ServiceError
 ) -> grpc.RpcMethodHandler[Any, Any]:
     async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(refused.code, refused.message)
+        await context.abort(refused.code, refused.message, refused.trailing_metadata)
 
     async def deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(refused.code, refused.message)
+        await context.abort(refused.code, refused.message, refused.trailing_metadata)
         yield  # pragma: no cover - abort raises
 
     kwargs = {

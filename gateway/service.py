@@ -12,13 +12,14 @@ face on ``--port`` (50050), REST on ``OPEA_GATEWAY_REST_PORT`` (8888), same host
 from __future__ import annotations
 
 from gateway.app import Gateway, create_app
-from gateway.auth import AuthInterceptor, KeyRing
+from gateway.auth import AuthInterceptor, KeyRing, caller
 from gateway.ingestion import Knowledge
+from gateway.limits import Limiter
 from gateway.megaservice import ChatQnA
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
 from gateway.rest import RestServer
-from gateway.servicer import ChatQnAServicer, ModelsServicer
+from gateway.servicer import Charge, ChatQnAServicer, ModelsServicer
 from gateway.settings import Settings
 from opea_grpc import models
 from opea_grpc.config import ClientConfig, ServerConfig
@@ -38,6 +39,17 @@ class GatewayService(MicroService):
     gateway: Gateway
 
 
+def _charger(keys: KeyRing | None, limiter: Limiter | None) -> Charge | None:
+    """Charges a gRPC caller's model tokens to its key's budget."""
+    if limiter is None:
+        return None
+
+    def charge(metadata: object, tokens: int) -> None:
+        limiter.charge(caller(keys, metadata, None), tokens)
+
+    return charge
+
+
 def build(
     server: ServerConfig, settings: Settings, client: ClientConfig | None = None
 ) -> GatewayService:
@@ -47,7 +59,12 @@ def build(
     metrics = Metrics({"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache})
     gateway = Gateway(mesh, pipeline, Knowledge(pipeline), metrics)
     keys = KeyRing.from_file(settings.api_keys_file) if settings.api_keys_file else None
-    app = create_app(gateway, keys=keys, metrics_closed=settings.metrics_auth)
+    limiter = (
+        Limiter(settings.rate_rpm, settings.rate_tpm)
+        if settings.rate_rpm or settings.rate_tpm
+        else None
+    )
+    app = create_app(gateway, keys=keys, metrics_closed=settings.metrics_auth, limiter=limiter)
     rest = RestServer(app, host=server.host, port=settings.rest_port, name=NAME, tls=server)
 
     service = GatewayService(
@@ -55,13 +72,13 @@ def build(
         service_type=ServiceType.GATEWAY,
         service_role=ServiceRole.MEGASERVICE,
         config=server,
-        interceptors=[AuthInterceptor(keys)] if keys is not None else (),
+        interceptors=[AuthInterceptor(keys, limiter)] if keys or limiter else (),
     )
     service.rest, service.gateway = rest, gateway
     (
         service.add_service(
             chatqna_pb2_grpc.add_ChatQnAServiceServicer_to_server,
-            ChatQnAServicer(pipeline),
+            ChatQnAServicer(pipeline, _charger(keys, limiter)),
             ready=mesh.is_ready,
         )
         .add_service(models.add_to_server, ModelsServicer(mesh))

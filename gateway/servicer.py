@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from gateway.megaservice import ChatQnA, node_reports
 from gateway.mesh import Mesh
@@ -23,11 +23,20 @@ class ModelsServicer(common_pb2_grpc.ModelServiceServicer):
         return common_pb2.ListModelsResponse(models=await self._mesh.models())
 
 
+#: Charges the model tokens a call used to its caller (from the call's metadata).
+Charge = Callable[[object, int], None]
+
+
 class ChatQnAServicer(chatqna_pb2_grpc.ChatQnAServiceServicer):
     """Ask and AskStream; the caller's deadline (else the gateway's default) bounds the run."""
 
-    def __init__(self, pipeline: ChatQnA) -> None:
+    def __init__(self, pipeline: ChatQnA, charge: Charge | None = None) -> None:
         self._pipeline = pipeline
+        self._charge = charge
+
+    def _charged(self, context: Context, tokens: int) -> None:
+        if self._charge is not None:
+            self._charge(context.invocation_metadata(), tokens)
 
     def _timeout(self, context: Context) -> float:
         left = context.time_remaining()
@@ -38,6 +47,7 @@ class ChatQnAServicer(chatqna_pb2_grpc.ChatQnAServiceServicer):
         self, request: chatqna_pb2.AskRequest, context: Context
     ) -> chatqna_pb2.AskResponse:
         answer = await self._pipeline.ask(request, timeout=self._timeout(context))
+        self._charged(context, answer.response.usage.total_tokens)
         return chatqna_pb2.AskResponse(
             chat=answer.response,
             sources=answer.sources,
@@ -53,6 +63,8 @@ class ChatQnAServicer(chatqna_pb2_grpc.ChatQnAServiceServicer):
         ) as run:
             first = True
             async for chunk in run:
+                if chunk.HasField("usage"):
+                    self._charged(context, chunk.usage.total_tokens)
                 reply = chatqna_pb2.AskStreamResponse(chunk=chunk)
                 if first:
                     reply.sources.extend(run.state.sources)

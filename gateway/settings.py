@@ -56,6 +56,10 @@ class Settings:
     api_keys_file: str = ""
     #: With API keys: /metrics needs an admin key too.
     metrics_auth: bool = False
+    #: Per API key (per client address without keys): requests and model tokens a minute
+    #: (token buckets; 0: no limit). Over the budget: 429 / RESOURCE_EXHAUSTED with a retry time.
+    rate_rpm: int = 0
+    rate_tpm: int = 0
 
     def __post_init__(self) -> None:
         for name in ("embedding", "retrieval", "chat"):
@@ -75,6 +79,8 @@ class Settings:
         )
         _check(self.cache_size >= 0, "OPEA_GATEWAY_CACHE_SIZE must be >= 0")
         _check(self.cache_ttl >= 0, "OPEA_GATEWAY_CACHE_TTL must be >= 0")
+        _check(self.rate_rpm >= 0, "OPEA_GATEWAY_RATE_RPM must be >= 0")
+        _check(self.rate_tpm >= 0, "OPEA_GATEWAY_RATE_TPM must be >= 0")
         _check(
             not self.cache_url or self.cache_url.startswith(("redis://", "rediss://", "unix://")),
             f"OPEA_GATEWAY_CACHE_URL must be a redis:// URL, got {self.cache_url!r}",

@@ -9,6 +9,7 @@ import grpc
 import httpx
 import openai
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from gateway.auth import KeyRing, digest
 from opea_grpc.channel import connect
@@ -111,3 +112,58 @@ def test_keys_file_is_checked(tmp_path: Path) -> None:
         KeyRing.from_file(str(bad))
     with pytest.raises(ConfigError, match="cannot read"):
         KeyRing.from_file(str(tmp_path / "missing"))
+
+
+@pytest.fixture
+async def limited(tmp_path: Path) -> AsyncIterator[Stack]:
+    keys = tmp_path / "keys"
+    keys.write_text(f"{digest(READER)} chat reader\n{digest(WRITER)} admin writer\n")
+    async with running(
+        default_services(tmp_path / "data"), api_keys_file=str(keys), rate_rpm=3
+    ) as stack:
+        yield stack
+
+
+async def test_over_the_rate_limit_is_429_with_retry_after(limited: Stack) -> None:
+    reader = sdk(limited, READER)
+    for _ in range(3):  # under the budget nothing is refused
+        await reader.chat.completions.create(
+            model="extractive-answerer",
+            messages=QUESTION,  # type: ignore[arg-type]
+            extra_body={"opea": {"retrieval": False}},
+        )
+    with pytest.raises(openai.RateLimitError) as refused:
+        await reader.chat.completions.create(
+            model="extractive-answerer",
+            messages=QUESTION,  # type: ignore[arg-type]
+        )
+    assert refused.value.code == "rate_limit_exceeded"
+    assert int(refused.value.response.headers["retry-after"]) >= 1
+    models = await sdk(limited, WRITER).models.list()  # another key, another budget
+    assert models.data
+
+
+async def test_over_the_rate_limit_over_grpc_carries_retry_info(limited: Stack) -> None:
+    channel = connect(limited.gateway.target, [ChatQnAClient.SERVICE])
+    key = (("authorization", f"Bearer {READER}"),)
+    message = chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, content="potassium?")
+    request = chatqna_pb2.AskRequest(
+        chat=chat_pb2.ChatRequest(messages=[message]),
+        rag=chatqna_pb2.RagOptions(disable_retrieval=True),
+    )
+    try:
+        client = ChatQnAClient(channel)
+        for _ in range(3):
+            await client.ask(request, timeout=10, metadata=key)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.ask(request, timeout=10, metadata=key)
+    finally:
+        await channel.close(None)
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers: list[tuple[str, str | bytes]] = list(refused.value.trailing_metadata() or ())  # type: ignore[arg-type]
+    details = next(value for key, value in trailers if key == "grpc-status-details-bin")
+    assert isinstance(details, bytes)
+    status = status_pb2.Status.FromString(details)
+    info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(info)
+    assert info.retry_delay.seconds > 0
