@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Route
@@ -192,12 +194,18 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         authorization = None
+        request_id = b""
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 await self._too_large(send)
                 return
             if name == b"authorization":
                 authorization = value.decode("latin-1")
+            elif name == b"x-request-id" and 0 < len(value) <= 128 and value.isascii():
+                request_id = value
+        # Every answer carries the caller's request id, or one made here for the logs to share.
+        request_id = request_id or uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
         who = ""
         if self.keys is not None or self.limiter is not None:
             guarded, needed = route_scope(
@@ -211,7 +219,7 @@ class _Guard:
                 if who and self.limiter is not None:
                     self.limiter.admit(who)
             except ServiceError as denied:
-                await self._refuse(send, denied)
+                await self._refuse(send, denied, request_id)
                 return
         started = time.perf_counter()
         status = [500]
@@ -237,6 +245,7 @@ class _Guard:
                 return
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
             await send(message)
 
         route = scope["path"] if scope["path"] in self.metrics.routes else "other"
@@ -256,13 +265,13 @@ class _Guard:
     def _message(self) -> str:
         return f"the request body exceeds {self.max_body} bytes (OPEA_GATEWAY_MAX_BODY_BYTES)"
 
-    async def _refuse(self, send: Send, refused: ServiceError) -> None:
+    async def _refuse(self, send: Send, refused: ServiceError, request_id: bytes) -> None:
         unauthenticated = refused.code is grpc.StatusCode.UNAUTHENTICATED
         status, kind, code = {
             grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error", "invalid_api_key"),
             grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error", "insufficient_scope"),
         }.get(refused.code, (429, "rate_limit_error", "rate_limit_exceeded"))
-        headers = [(b"content-type", b"application/json")]
+        headers = [(b"content-type", b"application/json"), (b"x-request-id", request_id)]
         if unauthenticated:
             headers.append((b"www-authenticate", b'Bearer realm="opea-grpc"'))
         for name, value in refused.trailing_metadata:
@@ -632,7 +641,17 @@ def create_app(
     direct = {
         ("POST", "/v1/chat/completions"): _direct(chat_completions_fast, "/v1/chat/completions")
     }
-    return _Guard(app, gw.metrics, settings.max_body_bytes, direct, keys, metrics_closed, limiter)
+    guard = _Guard(app, gw.metrics, settings.max_body_bytes, direct, keys, metrics_closed, limiter)
+    if not settings.cors_origins:
+        return guard  # closed: browsers on other origins get no CORS headers
+    # Outside the guard: a browser's preflight carries no key.
+    return CORSMiddleware(
+        guard,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=["authorization", "content-type", "x-request-id"],
+        expose_headers=["x-request-id", "server-timing", "retry-after"],
+    )
 
 
 __all__ = ["ClientGone", "EventStream", "Gateway", "create_app", "guarded"]

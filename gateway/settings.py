@@ -60,6 +60,8 @@ class Settings:
     #: (token buckets; 0: no limit). Over the budget: 429 / RESOURCE_EXHAUSTED with a retry time.
     rate_rpm: int = 0
     rate_tpm: int = 0
+    #: Browser origins allowed to call the REST API (comma-separated; empty: CORS closed).
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("embedding", "retrieval", "chat"):

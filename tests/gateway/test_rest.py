@@ -243,3 +243,32 @@ async def test_grpc_face_serves_health_and_reflection(stack: Stack, buf: str) ->
     out, _ = await proc.communicate()
     assert "opea.v1.ChatQnAService/Ask" in out.decode()
     assert "grpc.health.v1.Health/Check" in out.decode()
+
+
+async def test_request_id_is_echoed_or_made(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        given = await http.get("/healthz", headers={"x-request-id": "trace-me-42"})
+        made = await http.get("/healthz")
+        missing = await http.get("/v1/nothing")
+    assert given.headers["x-request-id"] == "trace-me-42"
+    assert len(made.headers["x-request-id"]) == 32
+    assert missing.headers["x-request-id"] != made.headers["x-request-id"]
+
+
+async def test_cors_is_closed_unless_origins_are_configured(tmp_path: Path) -> None:
+    origin = {"origin": "https://app.example.com", "access-control-request-method": "POST"}
+    async with running(default_services(tmp_path / "closed")) as closed:
+        async with httpx.AsyncClient(base_url=closed.url) as http:
+            reply = await http.options("/v1/chat/completions", headers=origin)
+        assert "access-control-allow-origin" not in reply.headers
+    async with running(
+        default_services(tmp_path / "open"), cors_origins=("https://app.example.com",)
+    ) as opened:
+        async with httpx.AsyncClient(base_url=opened.url) as http:
+            preflight = await http.options("/v1/chat/completions", headers=origin)
+            other = await http.options(
+                "/v1/chat/completions", headers={**origin, "origin": "https://evil.example"}
+            )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "access-control-allow-origin" not in other.headers
