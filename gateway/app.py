@@ -9,9 +9,10 @@ down to the gRPC calls in flight.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -172,6 +173,15 @@ def _frame(payload: object) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
+_ID_PREFIX = secrets.token_hex(8)
+_ids = itertools.count(1)
+
+
+def _request_id() -> bytes:
+    """A request id unique to this process run: a random prefix and a counter (no syscall)."""
+    return f"{_ID_PREFIX}{next(_ids):016x}".encode()
+
+
 class _Guard:
     """Outermost ASGI layer: body size limit (413), in-flight gauge, request metrics."""
 
@@ -204,7 +214,7 @@ class _Guard:
             elif name == b"x-request-id" and 0 < len(value) <= 128 and value.isascii():
                 request_id = value
         # Every answer carries the caller's request id, or one made here for the logs to share.
-        request_id = request_id or uuid.uuid4().hex.encode()
+        request_id = request_id or _request_id()
         scope.setdefault("state", {})["request_id"] = request_id.decode()
         who = ""
         if self.keys is not None or self.limiter is not None:
