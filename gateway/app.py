@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import orjson
@@ -33,14 +34,18 @@ from gateway import errors, schemas, translate
 from gateway.auth import KeyRing, route_scope
 from gateway.errors import HTTPError
 from gateway.ingestion import Knowledge
-from gateway.limits import Limiter
+from gateway.limits import Capacity, Limiter
 from gateway.megaservice import ChatQnA
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
+from opea_grpc import logs, telemetry
 from opea_grpc.cache import bypass
 from opea_grpc.errors import NodeError, ServiceError
 from opea_grpc.pb.v1 import chatqna_pb2, common_pb2
 from opea_grpc.run import StreamRun
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 T = TypeVar("T")
 
@@ -51,6 +56,8 @@ _SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _DONE = b"data: [DONE]\n\n"
+#: Paths a full gateway still answers: probes must not fail because the gateway is busy.
+_PROBES = frozenset({"/healthz", "/readyz", "/v1/health_check", "/metrics"})
 #: Where a request's model tokens are left for the rate limiter (in the ASGI scope's state).
 USAGE = "opea_usage_tokens"
 
@@ -182,8 +189,53 @@ def _request_id() -> bytes:
     return f"{_ID_PREFIX}{next(_ids):016x}".encode()
 
 
+_access = logging.getLogger("gateway.access")
+
+
+class _Span:
+    """The server span of one REST request, current while the request runs (tracing on).
+
+    Its parent is the caller's W3C ``traceparent`` header when there is one; every pipeline node
+    and gRPC call the request makes is beneath it.
+    """
+
+    def __init__(self, tracer: Tracer, scope: Scope, request_id: str) -> None:
+        from opentelemetry import context, propagate, trace
+
+        carrier = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+        }
+        self.method = method = scope["method"]
+        path = scope["path"]
+        self.span = tracer.start_span(
+            f"{method} {path}",
+            context=propagate.extract(carrier),
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.request.method": method,
+                "url.path": path,
+                "opea.request_id": request_id,
+            },
+        )
+        self._token = context.attach(trace.set_span_in_context(self.span))
+
+    def end(self, route: str | None, status: int) -> None:
+        from opentelemetry import context, trace
+
+        span = self.span
+        if route:
+            span.set_attribute("http.route", route)
+            span.update_name(f"{self.method} {route}")
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"HTTP {status}"))
+        span.end()
+        context.detach(self._token)
+
+
 class _Guard:
-    """Outermost ASGI layer: body size limit (413), in-flight gauge, request metrics."""
+    """Outermost ASGI layer: body size limit (413), request id, keys and rate limits, in-flight
+    gauge, request metrics, the request's trace span and access log line."""
 
     def __init__(
         self,
@@ -194,10 +246,14 @@ class _Guard:
         keys: KeyRing | None = None,
         metrics_closed: bool = False,
         limiter: Limiter | None = None,
+        access_log: bool = False,
+        capacity: Capacity | None = None,
     ) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body
+        self.capacity = capacity
         self.direct = direct or {}
         self.keys, self.metrics_closed, self.limiter = keys, metrics_closed, limiter
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -215,7 +271,11 @@ class _Guard:
                 request_id = value
         # Every answer carries the caller's request id, or one made here for the logs to share.
         request_id = request_id or _request_id()
-        scope.setdefault("state", {})["request_id"] = request_id.decode()
+        rid = scope.setdefault("state", {})["request_id"] = request_id.decode()
+        capacity = self.capacity
+        if capacity is not None and scope["path"] not in _PROBES and capacity.full():
+            await self._refuse(send, capacity.refusal(), request_id)  # shed before any work
+            return
         who = ""
         if self.keys is not None or self.limiter is not None:
             guarded, needed = route_scope(
@@ -261,16 +321,31 @@ class _Guard:
         route = scope["path"] if scope["path"] in self.metrics.routes else "other"
         gauge = self.metrics.in_flight_of(route)
         gauge.inc()
+        if capacity is not None:
+            capacity.enter()
         app = self.direct.get((scope["method"], scope["path"]), self.app)
+        logged = logs.request_id.set(rid)
+        span = None if telemetry.tracer is None else _Span(telemetry.tracer, scope, rid)
         try:
             await app(scope, limited, sending)
         finally:
             gauge.dec()
+            if capacity is not None:
+                capacity.leave()
             if who and self.limiter is not None:
                 self.limiter.charge(who, scope.get("state", {}).get(USAGE, 0))
             matched = getattr(scope.get("route"), "path", None)
             label = matched or (route if route != "other" else "unmatched")
-            self.metrics.finished(label, status[0], time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.metrics.finished(label, status[0], seconds)
+            if self.access_log:
+                _access.info(
+                    '%s %s %d %.1fms "%s"', scope["method"], scope["path"], status[0],
+                    seconds * 1000, (scope.get("client") or ("-",))[0],
+                )  # fmt: skip
+            if span is not None:
+                span.end(matched, status[0])
+            logs.request_id.reset(logged)
 
     def _message(self) -> str:
         return f"the request body exceeds {self.max_body} bytes (OPEA_GATEWAY_MAX_BODY_BYTES)"
@@ -348,8 +423,11 @@ def create_app(
     keys: KeyRing | None = None,
     metrics_closed: bool = False,
     limiter: Limiter | None = None,
+    access_log: bool = False,
+    capacity: Capacity | None = None,
 ) -> ASGIApp:
-    """The ASGI application of the gateway's REST facade (API keys checked when ``keys``)."""
+    """The ASGI application of the gateway's REST facade (API keys checked when ``keys``;
+    requests beyond ``capacity`` refused with 429)."""
     settings = gw.pipeline.settings
     app = FastAPI(
         title="opea-grpc gateway",
@@ -651,7 +729,17 @@ def create_app(
     direct = {
         ("POST", "/v1/chat/completions"): _direct(chat_completions_fast, "/v1/chat/completions")
     }
-    guard = _Guard(app, gw.metrics, settings.max_body_bytes, direct, keys, metrics_closed, limiter)
+    guard = _Guard(
+        app,
+        gw.metrics,
+        settings.max_body_bytes,
+        direct,
+        keys,
+        metrics_closed,
+        limiter,
+        access_log,
+        capacity=capacity,
+    )
     if not settings.cors_origins:
         return guard  # closed: browsers on other origins get no CORS headers
     # Outside the guard: a browser's preflight carries no key.

@@ -15,9 +15,7 @@ open; ``/metrics`` is open unless ``OPEA_GATEWAY_METRICS_AUTH`` closes it to ``a
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +26,10 @@ import grpc
 from gateway.limits import Limiter
 from opea_grpc.config import ConfigError
 from opea_grpc.errors import ServiceError
+from opea_grpc.keys import OPEN_SERVICES, bearer, digest, refusal
+from opea_grpc.keys import PREFIX as _PREFIX
 
 SCOPES = ("chat", "embeddings", "rerank", "search", "ingest", "admin")
-_PREFIX = "sha256:"
 
 
 @dataclass(frozen=True)
@@ -40,15 +39,6 @@ class Key:
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
-
-
-def digest(key: str) -> str:
-    """The line form of ``key``: ``sha256:`` and the hex digest."""
-    return _PREFIX + hashlib.sha256(key.encode()).hexdigest()
-
-
-def new_key() -> str:
-    return "og-" + secrets.token_urlsafe(32)
 
 
 class KeyRing:
@@ -88,10 +78,7 @@ class KeyRing:
         Raises UNAUTHENTICATED for a missing or unknown key, PERMISSION_DENIED for a key
         without the scope (``None``: any valid key will do).
         """
-        presented = ""
-        if authorization:
-            kind, _, value = authorization.strip().partition(" ")
-            presented = value.strip() if kind.lower() == "bearer" else ""
+        presented = bearer(authorization)
         if not presented:
             raise ServiceError(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -154,7 +141,7 @@ METHODS = {
     "/opea.v1.ChatQnAService/AskStream": "chat",
     "/opea.v1.ModelService/ListModels": None,
 }
-_OPEN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
+_OPEN_SERVICES = OPEN_SERVICES
 
 
 if TYPE_CHECKING:
@@ -185,7 +172,7 @@ class AuthInterceptor(_Interceptor):
             if self._limiter is not None:
                 self._limiter.admit(name)
         except ServiceError as refused:
-            return _refusal(handler, refused)
+            return refusal(handler, refused)
         return handler
 
 
@@ -196,22 +183,3 @@ def caller(keys: KeyRing | None, metadata: Any, scope: str | None) -> str:
     value = dict(metadata or ()).get("authorization")
     authorization = value.decode("latin-1") if isinstance(value, bytes) else value
     return keys.check(authorization, scope).name
-
-
-def _refusal(
-    handler: grpc.RpcMethodHandler[Any, Any], refused: ServiceError
-) -> grpc.RpcMethodHandler[Any, Any]:
-    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(refused.code, refused.message, refused.trailing_metadata)
-
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(refused.code, refused.message, refused.trailing_metadata)
-        yield  # pragma: no cover - abort raises
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(deny, **kwargs)

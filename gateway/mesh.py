@@ -1,5 +1,8 @@
 """The gateway's view of its downstreams: one channel each, typed clients, readiness, models.
 
+Each client has a circuit breaker (:mod:`opea_grpc.breaker`, ``OPEA_CLIENT_BREAKER_*``) unless
+``OPEA_CLIENT_BREAKER=false``: a downstream that keeps failing gets no calls for a while.
+
 Readiness comes from the channels themselves: with client-side health checking a channel is
 READY only while some replica of its target reports SERVING on its health Watch stream. One
 task per channel waits on state changes, so answering ``/readyz`` reads a flag and makes no call.
@@ -18,6 +21,7 @@ import grpc
 
 from gateway.megaservice import Downstreams
 from gateway.settings import Settings
+from opea_grpc.breaker import Breaker
 from opea_grpc.channel import Channels
 from opea_grpc.client import (
     ChatClient,
@@ -52,19 +56,28 @@ class Mesh:
 
     def __init__(self, settings: Settings, config: ClientConfig | None = None) -> None:
         self.settings = settings
-        self._channels = Channels(config or ClientConfig())
+        self.config = config = config or ClientConfig()
+        self._channels = Channels(config)
+        #: The circuit breaker of each downstream that has one, by name.
+        self.breakers: dict[str, Breaker] = {}
         self._downstreams: list[Downstream] = []
         self._states: dict[str, grpc.ChannelConnectivity] = {}
         self._watchers: list[asyncio.Task[None]] = []
         self._models: tuple[float, list[common_pb2.Model]] = (0.0, [])
-        ch = self._open
+        ch, br = self._open, self._breaker
         timeout = settings.timeout
         self.clients = Downstreams(
-            embedding=EmbeddingClient(ch("embedding", EmbeddingClient.SERVICE), timeout=timeout),
-            retrieval=RetrievalClient(ch("retrieval", RetrievalClient.SERVICE), timeout=timeout),
-            chat=ChatClient(ch("chat", ChatClient.SERVICE), timeout=timeout),
+            embedding=EmbeddingClient(
+                ch("embedding", EmbeddingClient.SERVICE), timeout=timeout, breaker=br("embedding")
+            ),
+            retrieval=RetrievalClient(
+                ch("retrieval", RetrievalClient.SERVICE), timeout=timeout, breaker=br("retrieval")
+            ),
+            chat=ChatClient(ch("chat", ChatClient.SERVICE), timeout=timeout, breaker=br("chat")),
             rerank=(
-                RerankClient(ch("rerank", RerankClient.SERVICE), timeout=timeout)
+                RerankClient(
+                    ch("rerank", RerankClient.SERVICE), timeout=timeout, breaker=br("rerank")
+                )
                 if settings.rerank
                 else None
             ),
@@ -78,6 +91,12 @@ class Mesh:
             Downstream(name, target, channel, ModelClient(channel, timeout=5.0), required)
         )
         return channel
+
+    def _breaker(self, name: str) -> Breaker | None:
+        breaker = Breaker.of(f"{name} ({getattr(self.settings, name)})", self.config)
+        if breaker is not None:
+            self.breakers[name] = breaker
+        return breaker
 
     @property
     def downstreams(self) -> Sequence[Downstream]:

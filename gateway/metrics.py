@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.translate import STATUS
+from opea_grpc.breaker import Breaker
 from opea_grpc.cache import MemoryCache, RedisCache
 from opea_grpc.node import NodeTiming
 
@@ -37,8 +38,43 @@ class _Caches(Collector):
         yield misses
 
 
+class _Breakers(Collector):
+    """Each downstream's circuit breaker, read when scraped."""
+
+    def __init__(self, breakers: Mapping[str, Breaker]) -> None:
+        self._breakers = breakers
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "opea_gateway_breaker_state",
+            "Circuit breaker of each downstream: 0 closed, 1 half-open, 2 open",
+            labels=["downstream"],
+        )
+        opened = CounterMetricFamily(
+            "opea_gateway_breaker_opened",
+            "Times a downstream's breaker opened",
+            labels=["downstream"],
+        )
+        rejected = CounterMetricFamily(
+            "opea_gateway_breaker_rejected",
+            "Calls failed fast by an open breaker",
+            labels=["downstream"],
+        )
+        for name, breaker in self._breakers.items():
+            state.add_metric([name], int(breaker.state))
+            opened.add_metric([name], breaker.opened)
+            rejected.add_metric([name], breaker.rejected)
+        yield state
+        yield opened
+        yield rejected
+
+
 class Metrics:
-    def __init__(self, caches: dict[str, MemoryCache | RedisCache | None]) -> None:
+    def __init__(
+        self,
+        caches: dict[str, MemoryCache | RedisCache | None],
+        breakers: Mapping[str, Breaker] | None = None,
+    ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "opea_gateway_requests",
@@ -70,6 +106,7 @@ class Metrics:
             registry=registry,
         )
         registry.register(_Caches(caches))
+        registry.register(_Breakers(breakers or {}))
         #: Paths labelled by name; any other path is ``other`` (no label per scanned URL).
         self.routes: set[str] = set()
         # Children by label values, looked up once: labels() costs more than inc().

@@ -14,7 +14,7 @@ from __future__ import annotations
 from gateway.app import Gateway, create_app
 from gateway.auth import AuthInterceptor, KeyRing, caller
 from gateway.ingestion import Knowledge
-from gateway.limits import Limiter
+from gateway.limits import Capacity, Limiter
 from gateway.megaservice import ChatQnA
 from gateway.mesh import Mesh
 from gateway.metrics import Metrics
@@ -23,6 +23,7 @@ from gateway.servicer import Charge, ChatQnAServicer, ModelsServicer
 from gateway.settings import Settings
 from opea_grpc import models
 from opea_grpc.config import ClientConfig, ServerConfig
+from opea_grpc.metrics import RpcMetrics
 from opea_grpc.pb.v1 import chatqna_pb2_grpc
 from opea_grpc.server import MicroService, ServiceRole, ServiceType
 
@@ -56,7 +57,9 @@ def build(
     """The gateway for ``settings``; nothing connects or binds until it starts."""
     mesh = Mesh(settings, client)
     pipeline = ChatQnA(settings, mesh.clients)
-    metrics = Metrics({"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache})
+    metrics = Metrics(
+        {"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache}, mesh.breakers
+    )
     gateway = Gateway(mesh, pipeline, Knowledge(pipeline), metrics)
     keys = KeyRing.from_file(settings.api_keys_file) if settings.api_keys_file else None
     limiter = (
@@ -64,7 +67,16 @@ def build(
         if settings.rate_rpm or settings.rate_tpm
         else None
     )
-    app = create_app(gateway, keys=keys, metrics_closed=settings.metrics_auth, limiter=limiter)
+    # One count of requests in flight for both faces (0: no limit, nothing counted).
+    capacity = Capacity(settings.max_in_flight) if settings.max_in_flight else None
+    app = create_app(
+        gateway,
+        keys=keys,
+        metrics_closed=settings.metrics_auth,
+        limiter=limiter,
+        access_log=settings.access_log,
+        capacity=capacity,
+    )
     rest = RestServer(app, host=server.host, port=settings.rest_port, name=NAME, tls=server)
 
     service = GatewayService(
@@ -73,12 +85,13 @@ def build(
         service_role=ServiceRole.MEGASERVICE,
         config=server,
         interceptors=[AuthInterceptor(keys, limiter)] if keys or limiter else (),
+        metrics=RpcMetrics(metrics.registry),  # the gRPC face's calls, on the same /metrics
     )
     service.rest, service.gateway = rest, gateway
     (
         service.add_service(
             chatqna_pb2_grpc.add_ChatQnAServiceServicer_to_server,
-            ChatQnAServicer(pipeline, _charger(keys, limiter)),
+            ChatQnAServicer(pipeline, _charger(keys, limiter), capacity),
             ready=mesh.is_ready,
         )
         .add_service(models.add_to_server, ModelsServicer(mesh))

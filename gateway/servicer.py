@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+from gateway.limits import Capacity
 from gateway.megaservice import ChatQnA, node_reports
 from gateway.mesh import Mesh
 from opea_grpc.pb.v1 import chatqna_pb2, chatqna_pb2_grpc, common_pb2, common_pb2_grpc
@@ -28,11 +29,18 @@ Charge = Callable[[object, int], None]
 
 
 class ChatQnAServicer(chatqna_pb2_grpc.ChatQnAServiceServicer):
-    """Ask and AskStream; the caller's deadline (else the gateway's default) bounds the run."""
+    """Ask and AskStream; the caller's deadline (else the gateway's default) bounds the run.
 
-    def __init__(self, pipeline: ChatQnA, charge: Charge | None = None) -> None:
+    With a ``capacity`` (shared with the REST facade), a call beyond it is refused at once with
+    RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(
+        self, pipeline: ChatQnA, charge: Charge | None = None, capacity: Capacity | None = None
+    ) -> None:
         self._pipeline = pipeline
         self._charge = charge
+        self._capacity = capacity
 
     def _charged(self, context: Context, tokens: int) -> None:
         if self._charge is not None:
@@ -46,7 +54,16 @@ class ChatQnAServicer(chatqna_pb2_grpc.ChatQnAServiceServicer):
     async def Ask(
         self, request: chatqna_pb2.AskRequest, context: Context
     ) -> chatqna_pb2.AskResponse:
-        answer = await self._pipeline.ask(request, timeout=self._timeout(context))
+        capacity = self._capacity
+        if capacity is not None:
+            if capacity.full():
+                raise capacity.refusal()
+            capacity.enter()
+        try:
+            answer = await self._pipeline.ask(request, timeout=self._timeout(context))
+        finally:
+            if capacity is not None:
+                capacity.leave()
         self._charged(context, answer.response.usage.total_tokens)
         return chatqna_pb2.AskResponse(
             chat=answer.response,
@@ -58,19 +75,28 @@ class ChatQnAServicer(chatqna_pb2_grpc.ChatQnAServiceServicer):
     async def AskStream(
         self, request: chatqna_pb2.AskStreamRequest, context: Context
     ) -> AsyncIterator[chatqna_pb2.AskStreamResponse]:
-        async with self._pipeline.ask_stream(
-            request.request, timeout=self._timeout(context)
-        ) as run:
-            first = True
-            async for chunk in run:
-                if chunk.HasField("usage"):
-                    self._charged(context, chunk.usage.total_tokens)
-                reply = chatqna_pb2.AskStreamResponse(chunk=chunk)
-                if first:
-                    reply.sources.extend(run.state.sources)
-                    reply.degraded = run.degraded
-                    first = False
-                yield reply
-            yield chatqna_pb2.AskStreamResponse(
-                nodes=node_reports(run.timings), degraded=run.degraded
-            )
+        capacity = self._capacity
+        if capacity is not None:
+            if capacity.full():
+                raise capacity.refusal()
+            capacity.enter()
+        try:
+            async with self._pipeline.ask_stream(
+                request.request, timeout=self._timeout(context)
+            ) as run:
+                first = True
+                async for chunk in run:
+                    if chunk.HasField("usage"):
+                        self._charged(context, chunk.usage.total_tokens)
+                    reply = chatqna_pb2.AskStreamResponse(chunk=chunk)
+                    if first:
+                        reply.sources.extend(run.state.sources)
+                        reply.degraded = run.degraded
+                        first = False
+                    yield reply
+                yield chatqna_pb2.AskStreamResponse(
+                    nodes=node_reports(run.timings), degraded=run.degraded
+                )
+        finally:
+            if capacity is not None:
+                capacity.leave()

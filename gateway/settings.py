@@ -60,8 +60,14 @@ class Settings:
     #: (token buckets; 0: no limit). Over the budget: 429 / RESOURCE_EXHAUSTED with a retry time.
     rate_rpm: int = 0
     rate_tpm: int = 0
+    #: Requests in flight at once, REST and gRPC together; beyond it new ones are refused at
+    #: once, 429 / RESOURCE_EXHAUSTED with a retry time (0: no limit). Probes are never refused.
+    max_in_flight: int = 0
     #: Browser origins allowed to call the REST API (comma-separated; empty: CORS closed).
     cors_origins: tuple[str, ...] = ()
+    #: A log line per REST request (method, path, status, milliseconds, client; with the
+    #: request id and trace id in the line's context).
+    access_log: bool = True
 
     def __post_init__(self) -> None:
         for name in ("embedding", "retrieval", "chat"):
@@ -83,6 +89,7 @@ class Settings:
         _check(self.cache_ttl >= 0, "OPEA_GATEWAY_CACHE_TTL must be >= 0")
         _check(self.rate_rpm >= 0, "OPEA_GATEWAY_RATE_RPM must be >= 0")
         _check(self.rate_tpm >= 0, "OPEA_GATEWAY_RATE_TPM must be >= 0")
+        _check(self.max_in_flight >= 0, "OPEA_GATEWAY_MAX_IN_FLIGHT must be >= 0")
         _check(
             not self.cache_url or self.cache_url.startswith(("redis://", "rediss://", "unix://")),
             f"OPEA_GATEWAY_CACHE_URL must be a redis:// URL, got {self.cache_url!r}",

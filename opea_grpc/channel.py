@@ -18,7 +18,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 
+from opea_grpc import telemetry
 from opea_grpc.config import ClientConfig
+from opea_grpc.keys import bearer_interceptors
 from opea_grpc.tls import channel_credentials
 
 #: Methods whose retry cannot do harm, by service. Every method of our contracts is safe to
@@ -112,6 +114,11 @@ def connect(
     """
     cfg = config if config is not None else ClientConfig()
     options = channel_options(services, cfg)
+    interceptors = (
+        *interceptors,
+        *telemetry.client_interceptors(),
+        *(bearer_interceptors(cfg.service_key) if cfg.service_key else ()),
+    )
     credentials = channel_credentials(cfg)
     if credentials is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors or None)

@@ -8,6 +8,7 @@
     opea-grpc ingest PATH... [--url URL]             send documents to a running gateway
     opea-grpc certs DIR [--names a,b] [--hosts h]    a development CA and certificates (TLS)
     opea-grpc keys new --scopes chat,embeddings      a gateway API key and its keys-file line
+    opea-grpc keys service                           a service-to-service key and its digest
 
 ``SERVICE`` is a built-in service name (embedding, retrieval, rerank, chat, gateway) or
 ``module:attr`` naming a :class:`MicroService` or a function ``(ServerConfig) -> MicroService``.
@@ -32,6 +33,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from opea_grpc import logs, telemetry
 from opea_grpc.config import ClientConfig, ConfigError, ServerConfig, load
 from opea_grpc.server import MicroService
 from opea_grpc.tls import channel_credentials
@@ -167,7 +169,12 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             service = build_service(args.service, load(ServerConfig, env, overrides=flags))
         await _serve(service)
 
-    _run(run())
+    # Before any server or channel exists: both take their interceptors from it.
+    telemetry.configure(f"opea-{args.service.rpartition(':')[2]}", env)
+    try:
+        _run(run())
+    finally:
+        telemetry.shutdown()
     return 0
 
 
@@ -234,15 +241,23 @@ def cmd_certs(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_keys(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from gateway import auth
+    from opea_grpc import keys
 
+    if args.action == "service":
+        key = keys.new_key("os-")
+        print(f"key (OPEA_CLIENT_SERVICE_KEY of the callers; shown once): {key}")
+        print(f"digest (add to OPEA_SERVICE_KEYS of the services): {keys.digest(key)}")
+        return 0
+    if not args.scopes:
+        raise UsageError("keys new needs --scopes")
     scopes = sorted({s.strip() for s in args.scopes.split(",") if s.strip()})
     unknown = [s for s in scopes if s not in auth.SCOPES]
     if not scopes or unknown:
         raise UsageError(f"--scopes takes some of {', '.join(auth.SCOPES)}; got {args.scopes!r}")
-    key = auth.new_key()
+    key = keys.new_key()
     print(f"key (give it to the client; it is shown once): {key}")
     print("line for OPEA_GATEWAY_API_KEYS_FILE:")
-    print(f"{auth.digest(key)} {','.join(scopes)} {args.name}".rstrip())
+    print(f"{keys.digest(key)} {','.join(scopes)} {args.name}".rstrip())
     return 0
 
 
@@ -303,6 +318,9 @@ def cmd_up(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opea-grpc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (OPEA_LOG_LEVEL)")
+    parser.add_argument(
+        "--log-format", choices=logs.FORMATS, help="plain or json lines (OPEA_LOG_FORMAT)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve a microservice")
@@ -335,9 +353,11 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--hosts", help="more DNS names or IPs every certificate is valid for")
     certs.set_defaults(run=cmd_certs)
 
-    keys = sub.add_parser("keys", help="make a gateway API key and its keys-file line")
-    keys.add_argument("action", choices=("new",))
-    keys.add_argument("--scopes", required=True, help="chat,embeddings,rerank,search,ingest,admin")
+    keys = sub.add_parser(
+        "keys", help="make a gateway API key (new) or a service-to-service key (service)"
+    )
+    keys.add_argument("action", choices=("new", "service"))
+    keys.add_argument("--scopes", help="new: chat,embeddings,rerank,search,ingest,admin")
     keys.add_argument("--name", default="", help="a name for the logs")
     keys.set_defaults(run=cmd_keys)
 
@@ -408,12 +428,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     args = _parser().parse_args(argv)
-    level = args.log_level or env.get("OPEA_LOG_LEVEL", "INFO")
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
     run: Callable[[argparse.Namespace, Mapping[str, str]], int] = args.run
     try:
+        logs.configure(
+            args.log_level or env.get("OPEA_LOG_LEVEL", "INFO"),
+            args.log_format or env.get("OPEA_LOG_FORMAT", "plain"),
+        )
         return run(args, env)
     except (UsageError, ConfigError, OSError) as exc:
         print(f"opea-grpc: error: {exc}", file=sys.stderr)

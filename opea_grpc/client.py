@@ -11,13 +11,16 @@ propagates deadlines nor applies the service config's per-method timeout.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import grpc
 
-from opea_grpc import deadline
+from opea_grpc import deadline, logs
+from opea_grpc.breaker import Breaker
+from opea_grpc.logs import REQUEST_ID_KEY
 from opea_grpc.pb.v1 import (
     chat_pb2,
     chat_pb2_grpc,
@@ -40,10 +43,25 @@ Resp = TypeVar("Resp")
 
 DEFAULT_TIMEOUT = 10.0
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+#: What a call without a breaker enters instead of one of its tickets.
+_UNGUARDED = contextlib.nullcontext()
+
+
+def _tagged(metadata: Metadata | None) -> Metadata | None:
+    """``metadata`` with the request id being served, so the callee's logs carry it too."""
+    rid = logs.request_id.get()
+    if not rid:
+        return metadata
+    return ((REQUEST_ID_KEY, rid),) if metadata is None else (*metadata, (REQUEST_ID_KEY, rid))
 
 
 class _Client:
-    """What every typed client shares: channel, default timeout, retry budget."""
+    """What every typed client shares: channel, default timeout, retry budget, breaker.
+
+    With a ``breaker`` (:mod:`opea_grpc.breaker`) every call is admitted by it first: while it
+    is open calls fail at once with UNAVAILABLE naming the downstream; without one, calls pay
+    nothing for it.
+    """
 
     SERVICE: ClassVar[str] = ""
     #: Each call carries its timeout as the gRPC deadline: callers need no timer of their own.
@@ -56,10 +74,12 @@ class _Client:
         *,
         timeout: float = DEFAULT_TIMEOUT,
         retry_budget: RetryBudget | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.channel = channel
         self.timeout = timeout
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
+        self.breaker = breaker
         self._stub = type(self)._STUB(channel)
 
     def _timeout(self, timeout: float | None) -> float:
@@ -73,17 +93,20 @@ class _Client:
         metadata: Metadata | None,
     ) -> Resp:
         """Call; retry an UNAVAILABLE that gRPC could not retry, while time and budget last."""
-        budget = self.retry_budget
-        budget.deposit()
-        seconds = self._timeout(timeout)
-        expires = time.monotonic() + seconds
-        while True:
-            try:
-                return await method(request, timeout=seconds, metadata=metadata)
-            except grpc.aio.AioRpcError as exc:
-                seconds = expires - time.monotonic()
-                if exc.code() is not _UNAVAILABLE or seconds <= 0 or not budget.withdraw():
-                    raise
+        breaker = self.breaker
+        with _UNGUARDED if breaker is None else breaker.admit():
+            budget = self.retry_budget
+            budget.deposit()
+            seconds = self._timeout(timeout)
+            expires = time.monotonic() + seconds
+            metadata = _tagged(metadata)
+            while True:
+                try:
+                    return await method(request, timeout=seconds, metadata=metadata)
+                except grpc.aio.AioRpcError as exc:
+                    seconds = expires - time.monotonic()
+                    if exc.code() is not _UNAVAILABLE or seconds <= 0 or not budget.withdraw():
+                        raise
 
     async def _stream(
         self,
@@ -93,29 +116,32 @@ class _Client:
         metadata: Metadata | None,
     ) -> AsyncIterator[Resp]:
         """Relay a stream; retry UNAVAILABLE before the first message; cancel when abandoned."""
-        budget = self.retry_budget
-        budget.deposit()
-        seconds = self._timeout(timeout)
-        expires = time.monotonic() + seconds
-        while True:
-            call = method(request, timeout=seconds, metadata=metadata)
-            started = False
-            try:
-                async for message in call:
-                    started = True
-                    yield message
-                return
-            except grpc.aio.AioRpcError as exc:
-                seconds = expires - time.monotonic()
-                if (
-                    started
-                    or exc.code() is not _UNAVAILABLE
-                    or seconds <= 0
-                    or not budget.withdraw()
-                ):
-                    raise
-            finally:
-                call.cancel()
+        breaker = self.breaker
+        with _UNGUARDED if breaker is None else breaker.admit():
+            budget = self.retry_budget
+            budget.deposit()
+            seconds = self._timeout(timeout)
+            expires = time.monotonic() + seconds
+            metadata = _tagged(metadata)
+            while True:
+                call = method(request, timeout=seconds, metadata=metadata)
+                started = False
+                try:
+                    async for message in call:
+                        started = True
+                        yield message
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    seconds = expires - time.monotonic()
+                    if (
+                        started
+                        or exc.code() is not _UNAVAILABLE
+                        or seconds <= 0
+                        or not budget.withdraw()
+                    ):
+                        raise
+                finally:
+                    call.cancel()
 
 
 class EmbeddingClient(_Client):

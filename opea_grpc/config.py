@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from opea_grpc.keys import is_digest
+
 T = TypeVar("T")
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
@@ -115,15 +117,24 @@ class ServerConfig:
     #: Threads numpy's BLAS may use in this process (0: the library's default, one per core).
     #: One suits several services sharing a machine: idle BLAS threads spin against each other.
     blas_threads: int = 1
+    #: Serve Prometheus metrics of every call at ``http://host:metrics_port/metrics`` (0: off).
+    metrics_port: int = 0
     #: TLS: PEM certificate chain and key (both, or neither for plaintext); with
     #: ``tls_client_auth`` clients must present a certificate signed by ``tls_ca``.
     tls_cert: str = ""
     tls_key: str = dataclasses.field(default="", repr=False)
     tls_ca: str = ""
     tls_client_auth: bool = False
+    #: Service-to-service keys: ``sha256:<hex>`` digests of the keys callers must present
+    #: (``authorization: Bearer KEY``); empty: none needed. See :mod:`opea_grpc.keys`.
+    service_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, f"OPEA_PORT: {self.port} is not a port (0-65535)")
+        _check(
+            0 <= self.metrics_port <= 65535,
+            f"OPEA_METRICS_PORT: {self.metrics_port} is not a port (0-65535, 0: off)",
+        )
         _check(self.max_message_bytes > 0, "OPEA_MAX_MESSAGE_BYTES must be positive")
         _check(self.keepalive_time > 0, "OPEA_KEEPALIVE_TIME must be positive")
         _check(self.keepalive_timeout > 0, "OPEA_KEEPALIVE_TIMEOUT must be positive")
@@ -142,6 +153,13 @@ class ServerConfig:
             "OPEA_TLS_CLIENT_AUTH needs OPEA_TLS_CA (the CA client certificates must be signed "
             "by) and the server's own OPEA_TLS_CERT / OPEA_TLS_KEY",
         )
+
+        for key in self.service_keys:
+            _check(
+                is_digest(key),
+                f"OPEA_SERVICE_KEYS: {key[:12]!r}... is not a sha256:<64 hex digits> digest "
+                "(opea-grpc keys service makes a key and its digest)",
+            )
 
     @property
     def address(self) -> str:
@@ -169,6 +187,16 @@ class ClientConfig:
     max_message_bytes: int = 16 * 1024 * 1024
     keepalive_time: float = 30.0
     keepalive_timeout: float = 10.0
+    #: A circuit breaker per downstream target (:mod:`opea_grpc.breaker`): it opens once at least
+    #: ``breaker_min_calls`` calls within ``breaker_window`` seconds saw ``breaker_failure_ratio``
+    #: of them fail, fails calls fast for ``breaker_open_time`` seconds, then lets
+    #: ``breaker_probes`` calls at a time test the downstream.
+    breaker: bool = True
+    breaker_failure_ratio: float = 0.5
+    breaker_min_calls: int = 20
+    breaker_window: float = 10.0
+    breaker_open_time: float = 5.0
+    breaker_probes: int = 1
     #: TLS to the servers: on with ``tls`` or a CA or a client certificate. ``tls_ca`` is the
     #: CA to trust (default: the system's); ``tls_cert``/``tls_key`` answer mutual TLS;
     #: ``tls_server_name`` checks that name instead of the target's host (say, an IP target).
@@ -177,6 +205,8 @@ class ClientConfig:
     tls_cert: str = ""
     tls_key: str = dataclasses.field(default="", repr=False)
     tls_server_name: str = ""
+    #: The service-to-service key sent on every call (servers with ``OPEA_SERVICE_KEYS``).
+    service_key: str = dataclasses.field(default="", repr=False)
 
     def __post_init__(self) -> None:
         _check(self.timeout > 0, "OPEA_CLIENT_TIMEOUT must be positive")
@@ -193,3 +223,11 @@ class ClientConfig:
         _check(self.max_message_bytes > 0, "OPEA_CLIENT_MAX_MESSAGE_BYTES must be positive")
         _check(self.keepalive_time > 0, "OPEA_CLIENT_KEEPALIVE_TIME must be positive")
         _check(self.keepalive_timeout > 0, "OPEA_CLIENT_KEEPALIVE_TIMEOUT must be positive")
+        _check(
+            0 < self.breaker_failure_ratio <= 1,
+            "OPEA_CLIENT_BREAKER_FAILURE_RATIO must be in (0, 1]",
+        )
+        _check(self.breaker_min_calls >= 1, "OPEA_CLIENT_BREAKER_MIN_CALLS must be >= 1")
+        _check(self.breaker_window > 0, "OPEA_CLIENT_BREAKER_WINDOW must be positive")
+        _check(self.breaker_open_time > 0, "OPEA_CLIENT_BREAKER_OPEN_TIME must be positive")
+        _check(self.breaker_probes >= 1, "OPEA_CLIENT_BREAKER_PROBES must be >= 1")

@@ -1,16 +1,21 @@
 """The server interceptor every registered method runs behind.
 
-It does two things per call: records the call's deadline for outbound calls
-(:mod:`opea_grpc.deadline`), and turns exceptions into statuses: :class:`ServiceError` into its
-own code and message, a downstream :class:`grpc.aio.AioRpcError` into the same status, anything
-else into ``INTERNAL`` (logged here once, with its traceback; the caller sees no traceback).
+Per call it records the call's deadline for outbound calls (:mod:`opea_grpc.deadline`), and
+turns exceptions into statuses: :class:`ServiceError` into its own code and message, a downstream
+:class:`grpc.aio.AioRpcError` into the same status, anything else into ``INTERNAL`` (logged here
+once, with its traceback; the caller sees no traceback). When the server keeps metrics
+(:mod:`opea_grpc.metrics`) it also counts and times the call, its status and, for a stream, its
+first and following messages; the in-flight gauge comes down however the call ends.
 
 It wraps each method handler once, when the service is registered, rather than per call, so
-the hot path pays one extra frame and no handler lookup.
+the hot path pays one extra frame and no handler lookup. A request whose bytes do not parse as
+the method's message is answered INVALID_ARGUMENT (grpcio would answer UNKNOWN, quoting the
+exception).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -18,9 +23,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from opea_grpc import deadline
-from opea_grpc.errors import ServiceError
+from opea_grpc import deadline, logs
+from opea_grpc.errors import NodeError, ServiceError
+from opea_grpc.logs import REQUEST_ID_KEY
+from opea_grpc.metrics import MethodMetrics, RpcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -29,24 +37,92 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
 _STREAMING_FIELDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
-async def _fail(method: str, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+def _status(
+    method: str, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]
+) -> tuple[grpc.StatusCode, str, Any]:
+    """The status an exception ends a call with (logging the unexpected ones)."""
     if isinstance(exc, ServiceError):
-        if exc.trailing_metadata:
-            context.set_trailing_metadata(exc.trailing_metadata)
-        await context.abort(exc.code, exc.message)
+        return exc.code, exc.message, exc.trailing_metadata
+    if isinstance(exc, NodeError):  # a pipeline node failed: its status, naming the node
+        return exc.code, str(exc), None
     if isinstance(exc, grpc.aio.AioRpcError):
-        # A downstream call failed: pass its status on, naming where it came from.
-        await context.abort(exc.code(), exc.details() or exc.code().name)
+        # A downstream call failed: pass its status on.
+        return exc.code(), exc.details() or exc.code().name, None
+    # Read only now, off the hot path: the caller's request id, for the log line.
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str):
+            logs.request_id.set(value[:128])
     log.error("unhandled error in %s", method, exc_info=exc)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has the details"
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {method}; the server log has the details",
+        None,
     )
+
+
+async def _fail(
+    code: grpc.StatusCode, message: str, trailing: Any, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    if trailing:
+        context.set_trailing_metadata(trailing)
+    await context.abort(code, message)
 
 
 def _set_deadline(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     remaining = context.time_remaining()
     if remaining is not None:
         deadline.set_at(time.monotonic() + remaining)
+
+
+def _stopped(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """Why a handler was cancelled: its deadline passed, or the client went away."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
+def _aborted(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+class _Malformed:
+    """A request whose bytes did not parse; the method's handler is never given it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``parse``, returning a :class:`_Malformed` where it would raise (grpcio: UNKNOWN)."""
+    if parse is None:
+        return None
+
+    def tolerant(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Malformed(str(exc))
+
+    return tolerant
+
+
+def _checked(method: str, behavior: Behavior) -> Behavior:
+    """``behavior``, refusing a malformed request with INVALID_ARGUMENT (a plain call, no frame
+    left on the stack while the handler runs or streams)."""
+
+    def checked(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if type(request) is _Malformed:
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request to {method} is not a valid message: {request.error}",
+            )
+        return behavior(request, context)
+
+    return checked
 
 
 def _wrap_coroutine(method: str, behavior: Behavior) -> Behavior:
@@ -58,7 +134,7 @@ def _wrap_coroutine(method: str, behavior: Behavior) -> Behavior:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _fail(method, exc, context)
+            await _fail(*_status(method, exc, context), context)
 
     return guarded
 
@@ -74,18 +150,93 @@ def _wrap_generator(method: str, behavior: Behavior) -> Behavior:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _fail(method, exc, context)
+            await _fail(*_status(method, exc, context), context)
 
     return guarded
 
 
-def guard(method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    """``handler`` with its behavior wrapped; ``method`` is ``/package.Service/Method``."""
+def _metered_coroutine(method: str, behavior: Behavior, m: MethodMetrics) -> Behavior:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        _set_deadline(context)
+        m.started.inc()
+        m.in_flight.inc()
+        began = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            result = behavior(request, context)
+            return await result if inspect.isawaitable(result) else result
+        except grpc.aio.AbortError:
+            code = _aborted(context)
+            raise
+        except asyncio.CancelledError:
+            code = _stopped(context)
+            raise
+        except Exception as exc:
+            code, message, trailing = _status(method, exc, context)
+            await _fail(code, message, trailing, context)
+        finally:
+            m.in_flight.dec()
+            m.handled(code).inc()
+            m.seconds.observe(time.perf_counter() - began)
+
+    return guarded
+
+
+def _metered_generator(method: str, behavior: Behavior, m: MethodMetrics) -> Behavior:
+    async def guarded(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        _set_deadline(context)
+        m.started.inc()
+        m.in_flight.inc()
+        began = last = time.perf_counter()
+        code = grpc.StatusCode.OK
+        sent = 0
+        try:
+            async for item in behavior(request, context):
+                now = time.perf_counter()
+                (m.gap if sent else m.first).observe(now - last)
+                last = now
+                sent += 1
+                yield item
+        except grpc.aio.AbortError:
+            code = _aborted(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = _stopped(context)
+            raise
+        except Exception as exc:
+            code, message, trailing = _status(method, exc, context)
+            await _fail(code, message, trailing, context)
+        finally:
+            m.in_flight.dec()
+            m.sent.inc(sent)
+            m.handled(code).inc()
+            m.seconds.observe(time.perf_counter() - began)
+
+    return guarded
+
+
+def guard(
+    method: str, handler: grpc.RpcMethodHandler[Any, Any], metrics: RpcMetrics | None = None
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with its behavior wrapped; ``method`` is ``/package.Service/Method``.
+
+    With ``metrics``, each call is counted and timed there as well.
+    """
     for field in _STREAMING_FIELDS:
         behavior = getattr(handler, field)
         if behavior is None:
             continue
-        is_gen = inspect.isasyncgenfunction(behavior)
-        wrapped = _wrap_generator(method, behavior) if is_gen else _wrap_coroutine(method, behavior)
-        return handler._replace(**{field: wrapped})  # type: ignore[attr-defined,no-any-return]
+        streams = inspect.isasyncgenfunction(behavior)
+        behavior = _checked(method, behavior)
+        if metrics is None:
+            wrapped = (_wrap_generator if streams else _wrap_coroutine)(method, behavior)
+        elif streams:
+            wrapped = _metered_generator(method, behavior, metrics.method(method, "server_stream"))
+        else:
+            wrapped = _metered_coroutine(method, behavior, metrics.method(method, "unary"))
+        return handler._replace(  # type: ignore[attr-defined,no-any-return]
+            **{field: wrapped, "request_deserializer": _tolerant(handler.request_deserializer)}
+        )
     raise ValueError(f"{method}: handler has no behavior")

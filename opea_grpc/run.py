@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from opea_grpc import deadline
+from opea_grpc import deadline, telemetry
 from opea_grpc.cache import bypass
 from opea_grpc.errors import GraphError, NodeError, ServiceError, status_of
 from opea_grpc.node import (
@@ -33,6 +33,9 @@ from opea_grpc.node import (
     StreamCall,
     type_name,
 )
+
+if typing.TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
 
 if sys.version_info >= (3, 11):
     from typing import Self
@@ -166,7 +169,7 @@ class Run:
         """Run one node; return the successor to run next in this task, if any."""
         node = self.plan.nodes[name]
         try:
-            reply = await self._call(node)
+            reply = await (self._call(node) if telemetry.tracer is None else self._traced(node))
         except (Exception, asyncio.CancelledError) as error:
             stopped = self.closing and isinstance(error, asyncio.CancelledError)
             status, code, message = (
@@ -204,6 +207,14 @@ class Run:
             else:
                 self._spawn(after)
         return following
+
+    async def _traced(self, node: Node[Any, Any, Any]) -> object:
+        """:meth:`_call` inside a span of its own (tracing on): the node's gRPC call nests in it."""
+        tracer = typing.cast("Tracer", telemetry.tracer)
+        with tracer.start_as_current_span(
+            f"node {node.name}", attributes={"opea.node": node.name, "opea.optional": node.optional}
+        ):
+            return await self._call(node)
 
     async def _call(self, node: Node[Any, Any, Any]) -> object:
         request = self.request_for(node)
@@ -273,6 +284,7 @@ class StreamRun(Generic[S]):
         self._chunks: AsyncIterator[Any] | None = None
         self._until = 0.0
         self._closed = False
+        self._span: _StreamSpan | None = None
 
     @property
     def timings(self) -> tuple[NodeTiming, ...]:
@@ -303,6 +315,8 @@ class StreamRun(Generic[S]):
             left = self._until - time.perf_counter()
             if left <= 0:
                 raise ServiceError(_DEADLINE, _NO_TIME)
+            if self._span is not None:
+                return await self._span.next(chunks, None if self._sink.self_bounded else left)
             if self._sink.self_bounded:  # the stream's own deadline ends it in time
                 return await chunks.__anext__()
             return await _bounded(chunks.__anext__(), left)
@@ -330,6 +344,8 @@ class StreamRun(Generic[S]):
             raise StopAsyncIteration
         now = run.started[sink.name] = time.perf_counter()
         seconds = min(sink.timeout, run.deadline - now)
+        if telemetry.tracer is not None:
+            self._span = _StreamSpan(telemetry.tracer, sink.name)
         try:
             if seconds <= 0:
                 raise ServiceError(_DEADLINE, _NO_TIME)
@@ -346,6 +362,9 @@ class StreamRun(Generic[S]):
         """Record the sink's timing and close its stream (a no-op for one that has ended)."""
         chunks, self._chunks, self._closed = self._chunks, None, True
         self._run.record(self._sink.name, status, message)
+        if self._span is not None:
+            self._span.end(status, message)
+            self._span = None
         close = getattr(chunks, "aclose", None)
         if close is not None:
             await close()
@@ -362,3 +381,39 @@ class StreamRun(Generic[S]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class _StreamSpan:
+    """The span of a streamed sink (tracing on): current while each chunk is awaited, so the
+    stream's gRPC call nests in it; records the time to the first chunk and the chunk count."""
+
+    def __init__(self, tracer: Tracer, name: str) -> None:
+        from opentelemetry import trace
+
+        self.span = tracer.start_span(f"node {name}", attributes={"opea.node": name})
+        self.context = trace.set_span_in_context(self.span)
+        self.began = time.perf_counter()
+        self.chunks = 0
+
+    async def next(self, chunks: AsyncIterator[Any], seconds: float | None) -> Any:
+        from opentelemetry import context
+
+        token = context.attach(self.context)
+        try:
+            step = chunks.__anext__()
+            chunk = await (step if seconds is None else _bounded(step, seconds))
+        finally:
+            context.detach(token)
+        if not self.chunks:
+            first = (time.perf_counter() - self.began) * 1000
+            self.span.set_attribute("opea.stream.time_to_first_chunk_ms", round(first, 3))
+        self.chunks += 1
+        return chunk
+
+    def end(self, status: NodeStatus, message: str) -> None:
+        from opentelemetry import trace
+
+        self.span.set_attribute("opea.stream.chunks", self.chunks)
+        if status is not NodeStatus.OK:
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, message or status.name))
+        self.span.end()

@@ -4,6 +4,10 @@
 >>> service.add_service(rerank_pb2_grpc.add_RerankServiceServicer_to_server, MyReranker())
 >>> port = await service.start()      # binds; port 0 picks a free one
 >>> await service.stop(grace=5)       # NOT_SERVING, drain in-flight calls, close
+
+With ``metrics_port`` in its config it counts and times every call (:mod:`opea_grpc.metrics`) and
+serves them as Prometheus text on that port; tracing (:mod:`opea_grpc.telemetry`) adds a span per
+call when the process has it on.
 """
 
 from __future__ import annotations
@@ -20,9 +24,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from opea_grpc import telemetry
 from opea_grpc.config import ServerConfig
 from opea_grpc.health import HEALTH_SERVICE, NOT_SERVING, SERVING, HealthService
 from opea_grpc.interceptor import guard
+from opea_grpc.keys import ServiceKeys
+from opea_grpc.metrics import RpcMetrics
+from opea_grpc.metrics import serve as serve_metrics
 from opea_grpc.reflection import enable_reflection
 from opea_grpc.tls import server_credentials
 
@@ -32,6 +40,9 @@ S = TypeVar("S")
 Self = TypeVar("Self", bound="MicroService")
 
 if TYPE_CHECKING:
+    import threading
+    from wsgiref.simple_server import WSGIServer
+
     #: The context a servicer method receives (``grpc.aio.ServicerContext``).
     Context = grpc.aio.ServicerContext[Any, Any]
 else:
@@ -118,6 +129,7 @@ class MicroService:
         service_role: ServiceRole = ServiceRole.MICROSERVICE,
         config: ServerConfig | None = None,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        metrics: RpcMetrics | None = None,
     ) -> None:
         self.name = name
         self.service_type = service_type
@@ -131,6 +143,10 @@ class MicroService:
         self._server: grpc.aio.Server | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._port: int | None = None
+        #: Call metrics: given (the owner exposes them), or made at start when the config
+        #: names a metrics port; None records nothing.
+        self.metrics = metrics
+        self._exposition: tuple[WSGIServer, threading.Thread] | None = None
 
     # -- registration -------------------------------------------------------------------------
 
@@ -154,8 +170,7 @@ class MicroService:
         for name, handlers in recorder.services:
             if name in known:
                 raise ValueError(f"service {name} is already registered")
-            guarded = {m: guard(f"/{name}/{m}", h) for m, h in handlers.items()}
-            self._registrations.append(_Registration(name, guarded, ready))
+            self._registrations.append(_Registration(name, dict(handlers), ready))
         return self
 
     def on_start(self: Self, hook: Hook) -> Self:
@@ -206,9 +221,15 @@ class MicroService:
         for hook in self._on_start:
             await hook()
         try:
+            if self.config.metrics_port:
+                self.metrics = self.metrics or RpcMetrics()
+                self._exposition = serve_metrics(
+                    self.metrics.registry, self.config.host, self.config.metrics_port
+                )
             server, port = self._bind()
             await server.start()
         except BaseException:
+            self._close_exposition()
             await self._run_stop_hooks()
             raise
         self._server, self._port = server, port
@@ -227,15 +248,22 @@ class MicroService:
     def _bind(self) -> tuple[grpc.aio.Server, int]:
         cfg = self.config
         server = grpc.aio.server(
-            interceptors=self._interceptors,
+            interceptors=(
+                *telemetry.server_interceptors(),
+                *([ServiceKeys(cfg.service_keys)] if cfg.service_keys else ()),
+                *self._interceptors,
+            ),
             options=_server_options(cfg),
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,
         )
         for reg in self._registrations:
+            handlers = {
+                m: guard(f"/{reg.name}/{m}", h, self.metrics) for m, h in reg.handlers.items()
+            }
             server.add_generic_rpc_handlers(
-                (grpc.method_handlers_generic_handler(reg.name, reg.handlers),)
+                (grpc.method_handlers_generic_handler(reg.name, handlers),)
             )
-            server.add_registered_method_handlers(reg.name, reg.handlers)  # type: ignore[attr-defined]
+            server.add_registered_method_handlers(reg.name, handlers)  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(server, [*self.services, HEALTH_SERVICE])
         credentials = server_credentials(cfg)
@@ -261,8 +289,15 @@ class MicroService:
         self._health.close()
         await server.stop(self.config.grace if grace is None else grace)
         self._server = None
+        self._close_exposition()
         await self._run_stop_hooks()
         log.info("%s stopped", self.name)
+
+    def _close_exposition(self) -> None:
+        if self._exposition is not None:
+            exposition, self._exposition = self._exposition[0], None
+            exposition.shutdown()
+            exposition.server_close()
 
     async def _run_stop_hooks(self) -> None:
         for hook in reversed(self._on_stop):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from opea_grpc import Context
+from opea_grpc import Context, telemetry
 from opea_grpc.errors import ServiceError
 from opea_grpc.pb.v1 import chat_pb2, chat_pb2_grpc, common_pb2
 from services.chat.backend import ChatBackend, Finish, Message, Prompt, TokenUsage
@@ -177,6 +177,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def Chat(self, request: chat_pb2.ChatRequest, context: Context) -> chat_pb2.ChatResponse:
         prompt = self.prompt(request)
         completion = await self._backend.complete(prompt)
+        _annotate(prompt, completion.usage)
         return chat_pb2.ChatResponse(
             id=f"chatcmpl-{secrets.token_hex(12)}",
             model=prompt.model,
@@ -218,6 +219,18 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 "the model's stream ended without a finish reason: the answer may be cut short",
             )
+        _annotate(prompt, usage)
         yield chat_pb2.ChatStreamResponse(
             id=chunk_id, model=prompt.model, created=created, usage=_usage(usage)
         )
+
+
+def _annotate(prompt: Prompt, usage: TokenUsage) -> None:
+    """The model and its token counts, on the call's span (GenAI semantic conventions)."""
+    telemetry.annotate(
+        {
+            "gen_ai.request.model": prompt.model,
+            "gen_ai.usage.input_tokens": usage.prompt_tokens,
+            "gen_ai.usage.output_tokens": usage.completion_tokens,
+        }
+    )
