@@ -20,10 +20,13 @@ service's ChatStream directly over gRPC, and against the four gRPC hops made dir
     python bench/pipeline.py [--levels 1,8,64] [--duration 5 | --requests N] [--warmup 1]
                              [--loadgen auto|wrk|hey|httpx|raw] [--services trivial|real]
                              [--same-question] [--no-stream] [--gateway URL [--chat HOST:PORT]]
+                             [--trace] [--metrics]
 
 Each question is distinct unless ``--same-question``, so the gateway's caches miss (the worst
 case); with it they hit after the first request. ``--gateway URL`` drives a running gateway
-and measures only the process listening on its port (if it is on this machine).
+and measures only the process listening on its port (if it is on this machine). ``--trace``
+turns tracing on in every process (spans exported over OTLP/gRPC to a receiver in the bench's
+own process, as to a collector); ``--metrics`` gives every service a metrics port.
 """
 
 from __future__ import annotations
@@ -151,6 +154,10 @@ async def pipeline(args: argparse.Namespace) -> AsyncIterator[list[Child]]:
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     data = tempfile.TemporaryDirectory(prefix="bench-pipeline-")
     children: list[Child] = []
+    sink = None
+    if args.trace:  # every process exports its spans to a receiver in this process
+        sink = await SpanSink.start()
+        env.update(sink.env)
     try:
         for name in SERVICES:
             if args.services == "trivial":
@@ -161,7 +168,8 @@ async def pipeline(args: argparse.Namespace) -> AsyncIterator[list[Child]]:
                 if args.embedding_backend:
                     env["OPEA_EMBEDDING_BACKEND"] = args.embedding_backend
             argv = ["-m", "opea_grpc", "serve", spec, "--host", "127.0.0.1", "--port", "0"]
-            children.append(spawn(name, argv, env, Path(data.name)))
+            own = dict(env, OPEA_METRICS_PORT=str(free_port())) if args.metrics else env
+            children.append(spawn(name, argv, own, Path(data.name)))
         for child in children:
             await announced(child, [GRPC_LISTENING], args.start_timeout)
             channel = connect(child.target, [])
@@ -178,7 +186,11 @@ async def pipeline(args: argparse.Namespace) -> AsyncIterator[list[Child]]:
         await announced(gateway, [GRPC_LISTENING, REST_LISTENING], args.start_timeout)
         await ready(gateway.url, args.start_timeout)
         yield children
+        if sink is not None:
+            print(f"\ntracing on: {sink.spans} spans received over OTLP/gRPC")
     finally:
+        if sink is not None:
+            await sink.server.stop(None)
         for child in children:
             if child.proc.poll() is None:
                 child.proc.terminate()
@@ -877,6 +889,51 @@ def verdicts(
             print(f"    over one bare ChatStream call: {added:.2f} ms (for reference)")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class SpanSink:
+    """An OTLP/gRPC trace receiver that counts spans (``--trace``): what a collector would take."""
+
+    def __init__(self, server: typing.Any, port: int) -> None:
+        self.server, self.spans = server, 0
+        self.env = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        }
+
+    @classmethod
+    async def start(cls) -> SpanSink:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import (
+            trace_service_pb2,
+            trace_service_pb2_grpc,
+        )
+
+        server = grpc.aio.server()
+        port = server.add_insecure_port("127.0.0.1:0")
+        sink = cls(server, port)
+
+        class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+            async def Export(
+                self, request: typing.Any, context: typing.Any
+            ) -> trace_service_pb2.ExportTraceServiceResponse:
+                sink.spans += sum(
+                    len(s.spans) for rs in request.resource_spans for s in rs.scope_spans
+                )
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), server)  # type: ignore[no-untyped-call]
+        await server.start()
+        return sink
+
+
 async def main_async(args: argparse.Namespace) -> None:
     task = asyncio.current_task()
     assert task is not None
@@ -917,6 +974,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--embedding-backend", help="with --services real (e.g. hashing)")
     parser.add_argument("--same-question", action="store_true", help="let the caches hit")
     parser.add_argument("--no-stream", action="store_true", help="skip the streamed levels")
+    parser.add_argument(
+        "--trace", action="store_true",
+        help="tracing on in every process, exporting over OTLP/gRPC to a receiver here",
+    )  # fmt: skip
+    parser.add_argument(
+        "--metrics", action="store_true", help="every service records and serves its metrics"
+    )
     parser.add_argument("--gateway", help="drive this running gateway (http://host:port)")
     parser.add_argument("--chat", help="with --gateway: chat service host:port for direct TTFT")
     parser.add_argument("--model", help="chat model (default: from /v1/models)")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+import typing
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -58,7 +59,7 @@ async def served() -> AsyncIterator[Served]:
     try:
         yield Served(service, backend, f"http://127.0.0.1:{port}/metrics", ChatClient(channel))
     finally:
-        await channel.close()
+        await channel.close(None)
         await service.stop(0)
 
 
@@ -118,7 +119,10 @@ async def test_streams_record_first_and_following_messages(served: Served) -> No
 
 async def test_in_flight_comes_down_when_the_client_leaves(served: Served) -> None:
     served.backend.released.clear()  # the stream holds after its first token
-    stream = served.client.chat_stream(request(), timeout=30)
+    stream = typing.cast(
+        AsyncGenerator[chat_pb2.ChatStreamResponse, None],
+        served.client.chat_stream(request(), timeout=30),
+    )
     first = await anext(stream)
     assert first.content
     held = await scrape(served.metrics_url)
@@ -198,14 +202,14 @@ async def test_service_keys_refuse_callers_without_the_key() -> None:
             assert "service key" in (refused.value.details() or "")
             with pytest.raises(grpc.aio.AioRpcError):  # streams too
                 _ = [c async for c in ChatClient(channel).chat_stream(request(), timeout=5)]
-            await channel.close()
+            await channel.close(None)
         # Health stays open: probes and balancers need no key.
         bare = grpc.aio.insecure_channel(service.target)
         await wait_for_serving(bare, CHAT, timeout=5)
-        await bare.close()
+        await bare.close(None)
         keyed = connect(service.target, [CHAT], ClientConfig(service_key=key))
         reply = await ChatClient(keyed).chat(request(), timeout=5)
         assert reply.message.content
         chunks = [c async for c in ChatClient(keyed).chat_stream(request(), timeout=5)]
         assert chunks
-        await keyed.close()
+        await keyed.close(None)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -67,19 +68,21 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     async def trace_of(self, root_name: str, *expected: tuple[str, str]) -> list[Received]:
         """The trace whose one root span is ``root_name``, once it holds a span of each
         ``(service, span name)`` in ``expected`` (spans arrive in batches, process by process)."""
-        async with asyncio.timeout(ARRIVAL):
-            while True:
-                for spans in self.traces.values():
-                    roots = [r.span.name for r in spans if not r.span.parent_span_id]
-                    names = {(r.service, r.span.name.lstrip("/")) for r in spans}
-                    if roots == [root_name] and set(expected) <= names:
-                        return spans
-                self.arrived.clear()
-                await self.arrived.wait()
+        return await asyncio.wait_for(self._complete(root_name, set(expected)), ARRIVAL)
+
+    async def _complete(self, root_name: str, expected: set[tuple[str, str]]) -> list[Received]:
+        while True:
+            for spans in self.traces.values():
+                roots = [r.span.name for r in spans if not r.span.parent_span_id]
+                names = {(r.service, r.span.name.lstrip("/")) for r in spans}
+                if roots == [root_name] and expected <= names:
+                    return spans
+            self.arrived.clear()
+            await self.arrived.wait()
 
 
-def attributes(span: trace_pb2.Span) -> dict[str, object]:
-    values: dict[str, object] = {}
+def attributes(span: trace_pb2.Span) -> dict[str, Any]:
+    values: dict[str, Any] = {}
     for a in span.attributes:
         kind = a.value.WhichOneof("value")
         values[a.key] = getattr(a.value, kind) if kind else None
@@ -104,7 +107,7 @@ class Mesh:
 async def mesh(tmp_path: Path, subprocess_env: dict[str, str]) -> AsyncIterator[Mesh]:
     receiver = Receiver()
     server = grpc.aio.server()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)  # type: ignore[no-untyped-call]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     env = {
