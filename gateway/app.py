@@ -491,7 +491,6 @@ def create_app(
             if not stream:
                 result = await guarded(request, gw.pipeline.ask(ask, timeout=timeout))
                 request.scope.setdefault("state", {})[USAGE] = result.response.usage.total_tokens
-                gw.metrics.record_nodes(result.timings)
                 timing = translate.server_timing(result.timings, time.perf_counter() - started)
                 return _json(translate.completion(result), {"server-timing": timing})
             run = gw.pipeline.ask_stream(ask, timeout=timeout)
@@ -531,7 +530,6 @@ def create_app(
             yield b"data: " + errors.event(exc) + b"\n\n"
             return
         finally:
-            gw.metrics.record_nodes(run.timings)
             await run.aclose()
         yield _DONE
 

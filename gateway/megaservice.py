@@ -9,7 +9,7 @@ outlives it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -193,6 +193,11 @@ class ChatQnA:
         else:
             graph.flow_to("retrieve", "chat")
         return graph
+
+    def observe(self, observer: Callable[[NodeTiming], None]) -> None:
+        """Tell ``observer`` of every node of every request as it ends (the node metrics)."""
+        for graph in self._graphs.values():
+            graph.observe(observer)
 
     def graph(
         self, *, retrieval: bool = True, rerank: bool = True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -112,6 +112,7 @@ class Metrics:
         # Children by label values, looked up once: labels() costs more than inc().
         self._in_flight: dict[str, Any] = {}
         self._ended: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._nodes: dict[tuple[str, int], Any] = {}
 
     def in_flight_of(self, route: str) -> Any:
         child = self._in_flight.get(route)
@@ -129,9 +130,14 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def record_nodes(self, timings: Iterable[NodeTiming]) -> None:
-        for t in timings:
-            self.nodes.labels(t.name, STATUS[t.status]).observe(t.duration)
+    def record_node(self, timing: NodeTiming) -> None:
+        """One node of one request ended (the pipeline's observer)."""
+        child = self._nodes.get((timing.name, timing.status))
+        if child is None:
+            child = self._nodes[(timing.name, timing.status)] = self.nodes.labels(
+                timing.name, STATUS[timing.status]
+            )
+        child.observe(timing.duration)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

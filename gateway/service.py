@@ -60,6 +60,7 @@ def build(
     metrics = Metrics(
         {"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache}, mesh.breakers
     )
+    pipeline.observe(metrics.record_node)
     gateway = Gateway(mesh, pipeline, Knowledge(pipeline), metrics)
     keys = KeyRing.from_file(settings.api_keys_file) if settings.api_keys_file else None
     limiter = (

@@ -19,7 +19,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from opea_grpc import graph
 from opea_grpc.errors import GraphError
-from opea_grpc.node import BUILTIN_ADAPTERS, Node, RunResult, type_name
+from opea_grpc.node import BUILTIN_ADAPTERS, Node, NodeTiming, RunResult, type_name
 from opea_grpc.run import Plan, Run, StreamRun
 
 if sys.version_info >= (3, 11):
@@ -58,6 +58,7 @@ class ServiceOrchestrator(Generic[S]):
         self._nodes: dict[str, Node[S, Any, Any]] = {}
         self._edges: dict[graph.Edge, _Edge] = {}
         self._plan: Plan | None = None
+        self._observer: Callable[[NodeTiming], None] | None = None
 
     def add(self, node: Node[S, Any, Any]) -> Self:
         if node.name in self._nodes:
@@ -107,6 +108,12 @@ class ServiceOrchestrator(Generic[S]):
             raise GraphError(f"a different node named {name!r} was added")
         return node
 
+    def observe(self, observer: Callable[[NodeTiming], None] | None) -> Self:
+        """Call ``observer`` with each node's timing as it ends, in every run (for metrics: it
+        sees failures and cancellations that never reach a result)."""
+        self._observer, self._plan = observer, None
+        return self
+
     def validate(self) -> None:
         """Check the whole graph (edges were checked by flow_to); runs do this lazily."""
         self._compiled()
@@ -124,6 +131,7 @@ class ServiceOrchestrator(Generic[S]):
                 sources=graph.sources(names, edges),
                 sinks=graph.sinks(names, edges),
                 adapters={b: e.adapter for (_, b), e in self._edges.items() if len(before[b]) == 1},
+                observer=self._observer,
             )
         return self._plan
 

@@ -61,6 +61,8 @@ class Plan:
     sources: tuple[str, ...]
     sinks: tuple[str, ...]
     adapters: Mapping[str, Callable[[Any], Any] | None]  # into each single-predecessor node
+    #: Told of every node of every run as it ends (metrics): ok, failed, timed out or skipped.
+    observer: Callable[[NodeTiming], None] | None = None
 
 
 if sys.version_info >= (3, 11):
@@ -262,9 +264,11 @@ class Run:
 
     def record(self, name: str, status: NodeStatus, message: str) -> None:
         began = self.started[name]
-        self.finished[name] = NodeTiming(
+        timing = self.finished[name] = NodeTiming(
             name, status, began - self.t0, time.perf_counter() - began, message
         )
+        if self.plan.observer is not None:
+            self.plan.observer(timing)
 
     def timings(self) -> tuple[NodeTiming, ...]:
         return tuple(self.finished[name] for name in self.started if name in self.finished)
