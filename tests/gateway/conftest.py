@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.service import GatewayService
@@ -20,6 +21,7 @@ from services.chat import service as chat
 from services.embedding import service as embedding
 from services.rerank import service as rerank
 from services.retrieval import service as retrieval
+from tests.gateway.fakes import ScriptedChat
 
 LOOPBACK = ServerConfig(host="127.0.0.1", port=0, grace=0.5)
 
@@ -69,6 +71,19 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     """Gateway + hashing embedding, local retrieval, lexical rerank, extractive chat."""
     async with running(default_services(tmp_path)) as s:
         yield s
+
+
+@pytest.fixture
+async def scripted_stack(tmp_path: Path) -> AsyncIterator[tuple[Stack, ScriptedChat]]:
+    """The gateway with a scripted chat backend and one document ingested."""
+    backend = ScriptedChat()
+    services = default_services(tmp_path)
+    services["chat"] = chat.build(LOOPBACK, chat.Settings(), backend)
+    async with running(services) as s:
+        async with httpx.AsyncClient(base_url=s.url) as http:
+            docs = [{"id": "ports.md", "text": "The gateway listens on port 8888."}]
+            assert (await http.post("/v1/ingest", json={"documents": docs})).status_code == 200
+        yield s, backend
 
 
 __all__ = ["LOOPBACK", "Stack", "dataclasses", "default_services", "running"]

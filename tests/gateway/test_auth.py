@@ -11,10 +11,11 @@ import openai
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from gateway.auth import KeyRing, digest
+from gateway.auth import KeyRing
 from opea_grpc.channel import connect
 from opea_grpc.client import ChatQnAClient
 from opea_grpc.config import ConfigError
+from opea_grpc.keys import digest
 from opea_grpc.pb.v1 import chat_pb2, chatqna_pb2
 from opea_grpc.testing import wait_for_serving
 from tests.gateway.conftest import Stack, default_services, running

@@ -3,37 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from opea_grpc.client import ChatQnAClient
 from opea_grpc.errors import ServiceError
 from opea_grpc.pb.v1 import chat_pb2, chatqna_pb2
-from services.chat import service as chat
-from tests.gateway.conftest import LOOPBACK, Stack, default_services, running
+from tests.gateway.conftest import Stack
 from tests.gateway.fakes import MODEL, ScriptedChat
 
 ROUTE = "/v1/chat/completions"
 ASK = {"model": MODEL, "messages": [{"role": "user", "content": "Which port is it?"}]}
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-async def scripted(tmp_path: Path) -> AsyncIterator[tuple[Stack, ScriptedChat]]:
-    backend = ScriptedChat()
-    services = default_services(tmp_path)
-    services["chat"] = chat.build(LOOPBACK, chat.Settings(), backend)
-    async with running(services) as stack:
-        async with httpx.AsyncClient(base_url=stack.url) as http:
-            docs = [{"id": "ports.md", "text": "The gateway listens on port 8888."}]
-            assert (await http.post("/v1/ingest", json={"documents": docs})).status_code == 200
-        yield stack, backend
 
 
 async def scrape(http: httpx.AsyncClient) -> Samples:
@@ -63,9 +47,9 @@ async def settled(http: httpx.AsyncClient) -> Samples:
 
 
 async def test_counters_and_histograms_move_with_successes_and_failures(
-    scripted: tuple[Stack, ScriptedChat],
+    scripted_stack: tuple[Stack, ScriptedChat],
 ) -> None:
-    stack, backend = scripted
+    stack, backend = scripted_stack
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
         before = await scrape(http)
         assert (await http.post(ROUTE, json=ASK)).status_code == 200
@@ -87,9 +71,9 @@ async def test_counters_and_histograms_move_with_successes_and_failures(
 
 
 async def test_in_flight_returns_to_zero_after_disconnects_and_timeouts(
-    scripted: tuple[Stack, ScriptedChat],
+    scripted_stack: tuple[Stack, ScriptedChat],
 ) -> None:
-    stack, backend = scripted
+    stack, backend = scripted_stack
     backend.released.clear()  # streams hold after their first token
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
         async with http.stream("POST", ROUTE, json={**ASK, "stream": True}) as reply:
@@ -111,9 +95,9 @@ async def test_in_flight_returns_to_zero_after_disconnects_and_timeouts(
 
 
 async def test_the_grpc_face_is_counted_on_the_same_metrics(
-    scripted: tuple[Stack, ScriptedChat],
+    scripted_stack: tuple[Stack, ScriptedChat],
 ) -> None:
-    stack, _ = scripted
+    stack, _ = scripted_stack
     question = chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, content="Which port?")
     async with grpc.aio.insecure_channel(stack.gateway.target) as channel:
         await ChatQnAClient(channel).ask(
