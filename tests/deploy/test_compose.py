@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
@@ -249,3 +250,12 @@ def test_config_files_of_the_profiles_exist_and_agree(project: Project) -> None:
         assert host in project.services
         assert port in map(str, project.services[host]["expose"])
         assert set(project.services[host]["profiles"]) == set(collector["profiles"])
+
+
+def test_the_readme_names_real_deployment_files() -> None:
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"(?<![\w/])((?:deploy|tests/deploy)/[\w./-]*[\w])", readme))
+    assert "deploy/compose/production.env" in named
+    assert [n for n in sorted(named) if not (ROOT / n).exists()] == []
+    for overlay in ("local", "production"):
+        assert f"kubectl apply -k deploy/k8s/overlays/{overlay}" in readme

@@ -19,17 +19,12 @@ import pytest
 from openai import OpenAI
 
 from gateway.launcher import SAMPLE_QUESTION
-from tests.deploy.compose import COMPOSE_FILE, ROOT, Project
-from tests.deploy.topology import Image, Local, build_image, healthy, localize, run, running, stop
+from tests.deploy.compose import COMPOSE_FILE, Project
+from tests.deploy.topology import Image, Local, all_healthy, localize, run, running, stop_all
 
 pytestmark = pytest.mark.slow
 
 SERVICES = ("embedding", "retrieval", "rerank", "chat")
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
-    return build_image(ROOT, tmp_path_factory.mktemp("image"))
 
 
 def ask(rest: str, question: str) -> tuple[str, list[dict[str, object]]]:
@@ -46,20 +41,6 @@ def ask(rest: str, question: str) -> tuple[str, list[dict[str, object]]]:
 def rest_url(gateway: Local) -> str:
     # The gateway's container port for REST, mapped to its loopback port here.
     return f"http://127.0.0.1:{gateway.port(8888)}"
-
-
-async def check_health(services: dict[str, Local]) -> None:
-    loop = asyncio.get_running_loop()
-    for service in services.values():
-        out = await healthy(service, loop.time() + 60)
-        assert "SERVING" in out, out
-
-
-async def stop_all(services: dict[str, Local]) -> None:
-    """``docker compose stop``: dependents first; every process exits 0 on SIGTERM."""
-    for name in ("gateway", *SERVICES):
-        code = await stop(services[name])
-        assert code == 0, f"{name} exited with {code}:\n{services[name].logs()}"
 
 
 async def test_compose_services_answer_through_the_gateway(image: Image, tmp_path: Path) -> None:
@@ -81,7 +62,7 @@ async def test_compose_services_answer_through_the_gateway(image: Image, tmp_pat
     assert Path(out.strip()).is_relative_to(image.site), "the processes run the image's files"
 
     async with running(services):
-        await check_health(services)
+        await all_healthy(services)
         for name in SERVICES:  # what the Kubernetes liveness probes ask
             check = services[name].healthcheck
             assert check is not None
@@ -117,7 +98,7 @@ async def test_compose_services_answer_through_the_gateway(image: Image, tmp_pat
 
     # Again, on the same volumes: the documents are still there, nothing ingested this time.
     async with running(services):
-        await check_health(services)
+        await all_healthy(services)
         answer, sources = await asyncio.to_thread(
             ask, rest_url(services["gateway"]), SAMPLE_QUESTION
         )

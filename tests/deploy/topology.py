@@ -12,8 +12,9 @@ What stands in for what:
   every port a service listens on (its ``*_PORT`` settings and ``expose``) gets a free loopback
   port of its own, and a value naming ``service:port`` (``dns:///retrieval:50052``), or
   ``127.0.0.1:port`` in a service's own healthcheck, names that loopback port instead;
-  ``OPEA_HOST=0.0.0.0`` becomes ``127.0.0.1``; names of services that are not running (profile
-  services) are left as written;
+  ``OPEA_HOST=0.0.0.0`` becomes ``127.0.0.1``; a service of a profile (vLLM, TEI, PostgreSQL, the
+  collector) is named by the loopback port of what stands in for it in a test, or else left as
+  written;
 * **volumes and container paths**: a named volume is a directory under the test's temporary
   directory, and a container path under a mount (``/data/retrieval``) the same path under it;
   ``/opt/venv/bin`` is the installed image's script directory, the home directory a temporary one.
@@ -144,10 +145,20 @@ def listening_ports(spec: Mapping[str, Any], env: Mapping[str, str]) -> set[int]
 
 
 def localize(
-    project: Project, image: Image, work: Path, shell: Mapping[str, str] | None = None
+    project: Project,
+    image: Image,
+    work: Path,
+    shell: Mapping[str, str] | None = None,
+    standins: Mapping[tuple[str, int], int] | None = None,
 ) -> dict[str, Local]:
-    """Every service of ``project`` that runs the image, translated as the module says."""
+    """Every service of ``project`` that runs the image, translated as the module says.
+
+    ``standins`` maps ``(service, port)`` of services that are not this image's (vllm, tei,
+    postgres ...) to the loopback port of whatever stands in for them in the test.
+    """
     shell = shell or {}
+    standins = dict(standins or {})
+    standing_in = {host for host, _ in standins}
     names = [n for n in project.enabled() if n in project.built()]
     specs = {n: project.services[n] for n in names}
     envs: dict[str, dict[str, str]] = {}
@@ -165,6 +176,10 @@ def localize(
 
     def address(name: str, match: re.Match[str]) -> str:
         host, port = match["host"], int(match["port"])
+        if host in standing_in:
+            if (host, port) not in standins:
+                pytest.fail(f"{name} refers to {match[0]}, and nothing stands in for that port")
+            return f"127.0.0.1:{standins[host, port]}"
         owner = name if host in _LOCAL_HOSTS else host if host in specs else None
         if owner is None:
             return match[0]
@@ -316,3 +331,22 @@ async def stop(service: Local) -> int:
     except asyncio.TimeoutError:
         await reap(service.proc)
         pytest.fail(f"{service.name} did not stop within {service.stop_grace} s:\n{service.logs()}")
+
+
+async def all_healthy(services: Mapping[str, Local], timeout: float = 60) -> None:
+    """Every service's healthcheck passes and reports SERVING."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    for service in services.values():
+        out = await healthy(service, deadline)
+        assert "SERVING" in out, out
+
+
+async def stop_all(services: Mapping[str, Local]) -> None:
+    """``docker compose stop``: dependents first; each process must exit 0 on SIGTERM."""
+    stopped: set[str] = set()
+    while len(stopped) < len(services):
+        needed = {d for n, s in services.items() if n not in stopped for d in s.depends_on}
+        for name in sorted(set(services) - stopped - needed):
+            code = await stop(services[name])
+            assert code == 0, f"{name} exited with {code}:\n{services[name].logs()}"
+            stopped.add(name)
