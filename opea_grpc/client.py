@@ -42,7 +42,10 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 DEFAULT_TIMEOUT = 10.0
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+#: What the typed clients retry themselves: UNAVAILABLE (a replica gone mid-reply) and a
+#: CANCELLED that the server sent (a replica stopping as the call arrived; a call this process
+#: cancels ends in CancelledError instead, and is never retried).
+_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 #: What a call without a breaker enters instead of one of its tickets.
 _UNGUARDED = contextlib.nullcontext()
 
@@ -92,7 +95,7 @@ class _Client:
         timeout: float | None,
         metadata: Metadata | None,
     ) -> Resp:
-        """Call; retry an UNAVAILABLE that gRPC could not retry, while time and budget last."""
+        """Call; retry an UNAVAILABLE or CANCELLED that gRPC did not, while time and budget last."""
         breaker = self.breaker
         with _UNGUARDED if breaker is None else breaker.admit():
             budget = self.retry_budget
@@ -105,7 +108,7 @@ class _Client:
                     return await method(request, timeout=seconds, metadata=metadata)
                 except grpc.aio.AioRpcError as exc:
                     seconds = expires - time.monotonic()
-                    if exc.code() is not _UNAVAILABLE or seconds <= 0 or not budget.withdraw():
+                    if exc.code() not in _RETRIED or seconds <= 0 or not budget.withdraw():
                         raise
 
     async def _stream(
@@ -115,7 +118,8 @@ class _Client:
         timeout: float | None,
         metadata: Metadata | None,
     ) -> AsyncIterator[Resp]:
-        """Relay a stream; retry UNAVAILABLE before the first message; cancel when abandoned."""
+        """Relay a stream; retry as :meth:`_unary` before the first message; cancel when
+        abandoned."""
         breaker = self.breaker
         with _UNGUARDED if breaker is None else breaker.admit():
             budget = self.retry_budget
@@ -135,7 +139,7 @@ class _Client:
                     seconds = expires - time.monotonic()
                     if (
                         started
-                        or exc.code() is not _UNAVAILABLE
+                        or exc.code() not in _RETRIED
                         or seconds <= 0
                         or not budget.withdraw()
                     ):
