@@ -5,7 +5,8 @@
 #   docker build -t opea-grpc .                              # with the MiniLM model files
 #   docker build -t opea-grpc --build-arg WITH_MINILM=false .  # without (about 90 MB less)
 #   docker run --rm -p 50051:50051 opea-grpc opea-grpc serve embedding
-#   docker run --rm -p 8888:8888 opea-grpc                   # the gateway (the default command)
+#   docker run --rm -p 8888:8888 opea-grpc                   # the gateway (the default command;
+#                                                            # OPEA_GATEWAY_* name its services)
 #
 # Without the model files the embedding service needs OPEA_EMBEDDING_BACKEND=hashing or openai.
 
@@ -63,7 +64,8 @@ RUN groupadd --system --gid "$UID" opea \
 
 COPY --from=build /opt/venv /opt/venv
 
-# Bind every interface (a container's own); keep the retrieval index under /data, a volume.
+# Bind every interface (a container's own); the retrieval index goes under /data (mount a
+# volume there).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
