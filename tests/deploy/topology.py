@@ -33,7 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +104,12 @@ def free_port() -> int:
 
 @dataclass
 class Local:
-    """One compose service as a local process."""
+    """One compose service (one replica of it) as a local process."""
 
+    #: ``SERVICE`` or, for further replicas, ``SERVICE-n``.
     name: str
+    #: The compose service it is a replica of.
+    service: str
     argv: list[str]
     env: dict[str, str]
     healthcheck: list[str] | None
@@ -148,17 +151,26 @@ def localize(
     project: Project,
     image: Image,
     work: Path,
+    *,
     shell: Mapping[str, str] | None = None,
     standins: Mapping[tuple[str, int], int] | None = None,
+    replicas: Mapping[str, int] | None = None,
+    hosts: Path | None = None,
 ) -> dict[str, Local]:
     """Every service of ``project`` that runs the image, translated as the module says.
 
     ``standins`` maps ``(service, port)`` of services that are not this image's (vllm, tei,
     postgres ...) to the loopback port of whatever stands in for them in the test.
+    ``replicas`` runs that many copies of a service (``docker compose --scale``): replica ``n``
+    as ``SERVICE-n`` on ``127.0.0.n`` (the first keeps the service's name), all on the same port.
+    With ``hosts`` (a file written here), names of services stay names: the file maps each name
+    to its replicas' addresses, and every service process sees it as its ``/etc/hosts``, as a
+    container sees Docker's DNS (in a mount namespace of its own: ``unshare``, as root).
     """
     shell = shell or {}
     standins = dict(standins or {})
     standing_in = {host for host, _ in standins}
+    scale = dict(replicas or {})
     names = [n for n in project.enabled() if n in project.built()]
     specs = {n: project.services[n] for n in names}
     envs: dict[str, dict[str, str]] = {}
@@ -173,8 +185,12 @@ def localize(
         envs[name] = env
         for port in sorted(listening_ports(spec, env)):
             ports[name, port] = free_port()
+    if hosts is not None:
+        lines = ["127.0.0.1 localhost"]
+        lines += [f"127.0.0.{n} {name}" for name in specs for n in range(1, scale.get(name, 1) + 1)]
+        hosts.write_text("\n".join(lines) + "\n")
 
-    def address(name: str, match: re.Match[str]) -> str:
+    def address(name: str, own: str, match: re.Match[str]) -> str:
         host, port = match["host"], int(match["port"])
         if host in standing_in:
             if (host, port) not in standins:
@@ -185,66 +201,96 @@ def localize(
             return match[0]
         if (owner, port) not in ports:
             pytest.fail(f"{name} refers to {match[0]}, but {owner} listens on no port {port}")
-        return f"127.0.0.1:{ports[owner, port]}"
+        if owner == name and host in _LOCAL_HOSTS:
+            return f"{own}:{ports[owner, port]}"
+        return f"{host if hosts is not None else '127.0.0.1'}:{ports[owner, port]}"
+
+    def addresses(name: str, own: str) -> Callable[[str], str]:
+        return lambda value: _ADDRESS.sub(lambda m: address(name, own, m), value)
 
     locals_: dict[str, Local] = {}
     for name, spec in specs.items():
-        paths = {IMAGE_VENV + "/bin": str(image.bin), "/data": str(work / "scratch" / name)}
-        for mount in spec.get("volumes", ()):
-            source, target = str(mount).split(":")[:2]
-            paths[target] = str(work / "volumes" / source)
-        home = work / "home" / name
-        paths[image.workdir] = str(home)
-
-        def local(
-            value: str, key: str = "", name: str = name, paths: dict[str, str] = paths
-        ) -> str:
-            value = _ADDRESS.sub(lambda m: address(name, m), value)
-            if key.endswith("_PORT") and value.isdigit() and int(value):
-                value = str(ports[name, int(value)])
-            if key.endswith("HOST") and value == "0.0.0.0":
-                value = "127.0.0.1"
-            entries = value.split(":") if key == "PATH" else [value]
-            for i, entry in enumerate(entries):
-                for container, here in sorted(paths.items(), key=lambda item: -len(item[0])):
-                    if entry == container or entry.startswith(container + "/"):
-                        entries[i] = here + entry[len(container) :]
-                        break
-            return ":".join(entries)
-
-        env = {key: local(value, key) for key, value in envs[name].items()}
-        env["PYTHONPATH"] = str(image.site)
-        env["HOME"] = str(home)
-        for directory in (home, *map(Path, paths.values())):
-            directory.mkdir(parents=True, exist_ok=True)
-        command = [local(word) for word in spec["command"]]
-        resolved = shutil.which(command[0], path=env["PATH"])
-        if resolved is None:
-            pytest.fail(f"{name}: {command[0]} is not on the image's PATH {env['PATH']}")
-        test = spec.get("healthcheck", {}).get("test")
-        healthcheck = None
-        if test is not None:
-            if test[0] != "CMD":
-                pytest.fail(f"{name}: healthcheck {test} is not in the CMD form")
-            healthcheck = [local(word) for word in test[1:]]
-            found = shutil.which(healthcheck[0], path=env["PATH"])
-            if found is None:
-                pytest.fail(f"{name}: healthcheck {healthcheck[0]} is not on the image's PATH")
-            healthcheck[0] = found
-        depends = spec.get("depends_on", {})
-        if isinstance(depends, list):
-            depends = {d: {"condition": "service_started"} for d in depends}
-        locals_[name] = Local(
-            name,
-            [resolved, *command[1:]],
-            env,
-            healthcheck,
-            {p: ports[n, p] for n, p in ports if n == name},
-            {d: c.get("condition", "service_started") for d, c in depends.items()},
-            _seconds(spec.get("stop_grace_period"), 10.0),
-            home,
-        )
+        for n in range(1, scale.get(name, 1) + 1):
+            instance, own = (name if n == 1 else f"{name}-{n}"), f"127.0.0.{n}"
+            locals_[instance] = _instance(
+                name, instance, own, spec, envs[name], ports, image, work, hosts,
+                addresses(name, own),
+            )  # fmt: skip
     return locals_
+
+
+def _instance(
+    service: str,
+    instance: str,
+    own: str,
+    spec: Mapping[str, Any],
+    env_in: Mapping[str, str],
+    ports: Mapping[tuple[str, int], int],
+    image: Image,
+    work: Path,
+    hosts: Path | None,
+    addresses: Callable[[str], str],
+) -> Local:
+    """One replica of a service: its command, environment and healthcheck, translated."""
+    paths = {IMAGE_VENV + "/bin": str(image.bin), "/data": str(work / "scratch" / instance)}
+    for mount in spec.get("volumes", ()):
+        source, target = str(mount).split(":")[:2]
+        paths[target] = str(work / "volumes" / source)
+    home = work / "home" / instance
+    paths[image.workdir] = str(home)
+
+    def local(value: str, key: str = "") -> str:
+        value = addresses(value)
+        if key.endswith("_PORT") and value.isdigit() and int(value):
+            value = str(ports[service, int(value)])
+        if key.endswith("HOST") and value == "0.0.0.0":
+            value = own
+        entries = value.split(":") if key == "PATH" else [value]
+        for i, entry in enumerate(entries):
+            for container, here in sorted(paths.items(), key=lambda item: -len(item[0])):
+                if entry == container or entry.startswith(container + "/"):
+                    entries[i] = here + entry[len(container) :]
+                    break
+        return ":".join(entries)
+
+    env = {key: local(value, key) for key, value in env_in.items()}
+    env["PYTHONPATH"] = str(image.site)
+    env["HOME"] = str(home)
+    for directory in (home, *map(Path, paths.values())):
+        directory.mkdir(parents=True, exist_ok=True)
+    command = [local(word) for word in spec["command"]]
+    resolved = shutil.which(command[0], path=env["PATH"])
+    if resolved is None:
+        pytest.fail(f"{instance}: {command[0]} is not on the image's PATH {env['PATH']}")
+    argv = [resolved, *command[1:]]
+    if hosts is not None:
+        # The process itself, after exec, in a mount namespace where hosts is /etc/hosts.
+        remount = 'mount --bind "$0" /etc/hosts && exec "$@"'
+        argv = ["unshare", "--mount", "--", "sh", "-c", remount, str(hosts), *argv]
+    test = spec.get("healthcheck", {}).get("test")
+    healthcheck = None
+    if test is not None:
+        if test[0] != "CMD":
+            pytest.fail(f"{instance}: healthcheck {test} is not in the CMD form")
+        healthcheck = [local(word) for word in test[1:]]
+        found = shutil.which(healthcheck[0], path=env["PATH"])
+        if found is None:
+            pytest.fail(f"{instance}: healthcheck {healthcheck[0]} is not on the image's PATH")
+        healthcheck[0] = found
+    depends = spec.get("depends_on", {})
+    if isinstance(depends, list):
+        depends = {d: {"condition": "service_started"} for d in depends}
+    return Local(
+        instance,
+        service,
+        argv,
+        env,
+        healthcheck,
+        {p: port for (owner, p), port in ports.items() if owner == service},
+        {d: c.get("condition", "service_started") for d, c in depends.items()},
+        _seconds(spec.get("stop_grace_period"), 10.0),
+        home,
+    )
 
 
 async def run(
@@ -290,10 +336,10 @@ async def running(services: dict[str, Local], ready_timeout: float = 180) -> Asy
     """
     order: list[str] = []
     while len(order) < len(services):
+        pending = {s.service for n, s in services.items() if n not in order}
         ready = [
-            n for n, s in services.items()
-            if n not in order and all(d in order for d in s.depends_on if d in services)
-        ]  # fmt: skip
+            n for n, s in services.items() if n not in order and not set(s.depends_on) & pending
+        ]
         if not ready:
             pytest.fail(f"depends_on has a cycle among {sorted(set(services) - set(order))}")
         order.extend(sorted(ready))
@@ -303,7 +349,9 @@ async def running(services: dict[str, Local], ready_timeout: float = 180) -> Asy
             service = services[name]
             for dependency, condition in service.depends_on.items():
                 if condition == "service_healthy":
-                    await healthy(services[dependency], loop.time() + ready_timeout)
+                    for replica in services.values():
+                        if replica.service == dependency:
+                            await healthy(replica, loop.time() + ready_timeout)
             service.log = stack.enter_context(open_log(None))
             service.proc = await asyncio.create_subprocess_exec(
                 *service.argv, env=service.env, cwd=service.cwd,
@@ -346,7 +394,7 @@ async def stop_all(services: Mapping[str, Local]) -> None:
     stopped: set[str] = set()
     while len(stopped) < len(services):
         needed = {d for n, s in services.items() if n not in stopped for d in s.depends_on}
-        for name in sorted(set(services) - stopped - needed):
+        for name in sorted(n for n in set(services) - stopped if services[n].service not in needed):
             code = await stop(services[name])
             assert code == 0, f"{name} exited with {code}:\n{services[name].logs()}"
             stopped.add(name)
