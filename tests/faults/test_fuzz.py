@@ -239,6 +239,22 @@ async def test_garbage_bytes(
     await call(fuzzed.channels[process], method, garbage)
 
 
+@pytest.mark.parametrize(("process", "method"), METHODS, ids=IDS)
+async def test_bytes_that_are_no_message_are_invalid_argument(
+    fuzzed: Fuzzed, process: str, method: MethodDescriptor
+) -> None:
+    # A varint that never ends: no message of any type parses from it (grpcio alone would
+    # answer UNKNOWN, quoting the parser's exception).
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await fuzzed.channels[process].unary_unary(path(method), None, None)(
+            b"\xff" * 11, timeout=TIMEOUT
+        )
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the request to {path(method)} is not a valid message" in (
+        refused.value.details() or ""
+    )
+
+
 @pytest.mark.parametrize("process", list(SERVICES))
 async def test_a_message_past_the_size_limit_is_refused(fuzzed: Fuzzed, process: str) -> None:
     method = SERVICES[process][0].methods[0]
