@@ -107,6 +107,10 @@ class ServerConfig:
     keepalive_timeout: float = 10.0
     #: Refuse calls beyond this many in flight (0: unlimited).
     max_concurrent_rpcs: int = 0
+    #: Close each client connection after this many seconds (gracefully: calls in flight get
+    #: ``grace`` to finish), so that clients resolve the name again and find replicas added
+    #: since (0: connections live as long as the client keeps them).
+    max_connection_age: float = 0.0
     #: Seconds between readiness checks of the backends.
     health_interval: float = 5.0
     health_timeout: float = 2.0
@@ -139,6 +143,7 @@ class ServerConfig:
         _check(self.keepalive_time > 0, "OPEA_KEEPALIVE_TIME must be positive")
         _check(self.keepalive_timeout > 0, "OPEA_KEEPALIVE_TIMEOUT must be positive")
         _check(self.max_concurrent_rpcs >= 0, "OPEA_MAX_CONCURRENT_RPCS must be >= 0")
+        _check(self.max_connection_age >= 0, "OPEA_MAX_CONNECTION_AGE must be >= 0")
         _check(self.health_interval > 0, "OPEA_HEALTH_INTERVAL must be positive")
         _check(self.health_timeout > 0, "OPEA_HEALTH_TIMEOUT must be positive")
         _check(self.drain_delay >= 0, "OPEA_DRAIN_DELAY must be >= 0")

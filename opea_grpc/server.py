@@ -99,7 +99,16 @@ class _Recorder:
 
 
 def _server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    aged = (
+        [
+            ("grpc.max_connection_age_ms", int(cfg.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(cfg.grace * 1000)),
+        ]
+        if cfg.max_connection_age > 0
+        else []
+    )
     return [
+        *aged,
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.keepalive_time_ms", int(cfg.keepalive_time * 1000)),

@@ -346,3 +346,20 @@ async def test_oversize_message_is_resource_exhausted_and_harmless() -> None:
         reply = await health.Check(health_pb2.HealthCheckRequest(service=RERANK), timeout=5)
         assert reply.status == SERVING
         assert (await stub.Rerank(rerank_request(), timeout=5)).model == "a"
+
+
+async def test_max_connection_age_closes_connections_so_clients_resolve_again() -> None:
+    config = ServerConfig(max_connection_age=0.5, grace=1.0)
+    async with serve(
+        (rerank_pb2_grpc.add_RerankServiceServicer_to_server, IdentityReranker("aged")),
+        config=config,
+    ) as served:
+        channel = grpc.aio.insecure_channel(served.service.target)
+        stub = rerank_pb2_grpc.RerankServiceStub(channel)
+        await stub.Rerank(rerank_request(), timeout=5)
+        assert channel.get_state() is grpc.ChannelConnectivity.READY
+        # The server sends GOAWAY once the connection is old enough: the channel leaves READY
+        # (and resolves its target again on the next call).
+        await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 10)
+        assert (await stub.Rerank(rerank_request(), timeout=5)).results
+        await channel.close(None)
