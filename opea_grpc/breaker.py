@@ -15,7 +15,9 @@ node degrades without waiting and a required one answers 503 at once::
 A failure is a status that says the downstream is unwell: UNAVAILABLE, DEADLINE_EXCEEDED,
 INTERNAL, UNKNOWN, DATA_LOSS. Any other status means the downstream answered (a bad argument, a
 missing collection, a deliberate RESOURCE_EXHAUSTED) and counts as a success. A call the caller
-cancelled counts as neither.
+cancelled counts as neither, and so does one that ran out of a deadline shorter than
+``min_deadline`` (the caller's choice, say ``opea.timeout: 0.01``, says nothing about the
+downstream's health, and must not let one client open the circuit for everyone).
 
 >>> breaker = Breaker("rerank (127.0.0.1:50053)")
 >>> with breaker.admit():          # raises ServiceError(UNAVAILABLE) while open
@@ -59,10 +61,10 @@ class State(enum.IntEnum):
 class _Ticket:
     """One admitted call: records how it ended when its ``with`` block exits."""
 
-    __slots__ = ("_breaker", "_probe")
+    __slots__ = ("_breaker", "_probe", "_short")
 
-    def __init__(self, breaker: Breaker, probe: bool) -> None:
-        self._breaker, self._probe = breaker, probe
+    def __init__(self, breaker: Breaker, probe: bool, short: bool = False) -> None:
+        self._breaker, self._probe, self._short = breaker, probe, short
 
     def __enter__(self) -> _Ticket:
         return self
@@ -75,10 +77,13 @@ class _Ticket:
     ) -> None:
         if exc is None:
             self._breaker.record(True, self._probe)
-        elif isinstance(exc, grpc.aio.AioRpcError):
-            self._breaker.record(exc.code() not in FAILURES, self._probe)
-        elif isinstance(exc, ServiceError):
-            self._breaker.record(exc.code not in FAILURES, self._probe)
+        elif isinstance(exc, grpc.aio.AioRpcError | ServiceError):
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc.code
+            if code is C.DEADLINE_EXCEEDED and self._short:
+                # the caller gave it less time than a fair call needs: not the downstream's fault
+                self._breaker.record(None, self._probe)
+            else:
+                self._breaker.record(code not in FAILURES, self._probe)
         else:  # cancelled, closed early by the consumer: says nothing about the downstream
             self._breaker.record(None, self._probe)
 
@@ -95,6 +100,7 @@ class Breaker:
         window: float = 10.0,
         open_time: float = 5.0,
         probes: int = 1,
+        min_deadline: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < failure_ratio <= 1:
@@ -114,8 +120,12 @@ class Breaker:
         self.state = State.CLOSED
         self._opened_at = 0.0
         self._probing = 0
-        self._ticket = _Ticket(self, False)
-        self._probe = _Ticket(self, True)
+        self.min_deadline = min_deadline
+        self._tickets = {
+            (probe, short): _Ticket(self, probe, short)
+            for probe in (False, True)
+            for short in (False, True)
+        }
         #: Calls refused while open or half-open, since the start.
         self.rejected = 0
         #: Times the breaker opened, since the start.
@@ -133,12 +143,17 @@ class Breaker:
             window=config.breaker_window,
             open_time=config.breaker_open_time,
             probes=config.breaker_probes,
+            min_deadline=config.breaker_min_deadline,
         )
 
-    def admit(self) -> _Ticket:
-        """A ticket for one call (use it as a context manager), or UNAVAILABLE at once."""
+    def admit(self, seconds: float = math.inf) -> _Ticket:
+        """A ticket for one call of ``seconds`` at most (use it as a context manager), or
+        UNAVAILABLE at once. A call given less than ``min_deadline`` that runs out of time counts
+        as neither success nor failure: a caller's short deadline must not open the circuit to a
+        healthy downstream."""
+        short = seconds < self.min_deadline
         if self.state is State.CLOSED:
-            return self._ticket
+            return self._tickets[False, short]
         now = self._clock()
         if self.state is State.OPEN and now - self._opened_at >= self.open_time:
             self.state = State.HALF_OPEN
@@ -146,7 +161,7 @@ class Breaker:
             _log.info("circuit to %s half-open: probing", self.name)
         if self.state is State.HALF_OPEN and self._probing < self.probes:
             self._probing += 1
-            return self._probe
+            return self._tickets[True, short]
         self.rejected += 1
         raise self._refusal(now)
 

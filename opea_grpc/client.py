@@ -97,10 +97,10 @@ class _Client:
     ) -> Resp:
         """Call; retry an UNAVAILABLE or CANCELLED that gRPC did not, while time and budget last."""
         breaker = self.breaker
-        with _UNGUARDED if breaker is None else breaker.admit():
+        seconds = self._timeout(timeout)
+        with _UNGUARDED if breaker is None else breaker.admit(seconds):
             budget = self.retry_budget
             budget.deposit()
-            seconds = self._timeout(timeout)
             expires = time.monotonic() + seconds
             metadata = _tagged(metadata)
             while True:
@@ -121,10 +121,10 @@ class _Client:
         """Relay a stream; retry as :meth:`_unary` before the first message; cancel when
         abandoned."""
         breaker = self.breaker
-        with _UNGUARDED if breaker is None else breaker.admit():
+        seconds = self._timeout(timeout)
+        with _UNGUARDED if breaker is None else breaker.admit(seconds):
             budget = self.retry_budget
             budget.deposit()
-            seconds = self._timeout(timeout)
             expires = time.monotonic() + seconds
             metadata = _tagged(metadata)
             while True:

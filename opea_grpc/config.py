@@ -202,6 +202,8 @@ class ClientConfig:
     breaker_window: float = 10.0
     breaker_open_time: float = 5.0
     breaker_probes: int = 1
+    #: A call given fewer seconds than this that times out counts neither way.
+    breaker_min_deadline: float = 1.0
     #: TLS to the servers: on with ``tls`` or a CA or a client certificate. ``tls_ca`` is the
     #: CA to trust (default: the system's); ``tls_cert``/``tls_key`` answer mutual TLS;
     #: ``tls_server_name`` checks that name instead of the target's host (say, an IP target).
@@ -236,3 +238,4 @@ class ClientConfig:
         _check(self.breaker_window > 0, "OPEA_CLIENT_BREAKER_WINDOW must be positive")
         _check(self.breaker_open_time > 0, "OPEA_CLIENT_BREAKER_OPEN_TIME must be positive")
         _check(self.breaker_probes >= 1, "OPEA_CLIENT_BREAKER_PROBES must be >= 1")
+        _check(self.breaker_min_deadline >= 0, "OPEA_CLIENT_BREAKER_MIN_DEADLINE must be >= 0")

@@ -26,11 +26,16 @@ def rpc_error(code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), "boom", "")
 
 
-def call(breaker: Breaker, outcome: grpc.StatusCode | BaseException | None = None) -> None:
-    """One admitted call that ends with ``outcome`` (None: success, a code: that status)."""
+def call(
+    breaker: Breaker,
+    outcome: grpc.StatusCode | BaseException | None = None,
+    seconds: float = 10.0,
+) -> None:
+    """One admitted call of ``seconds`` that ends with ``outcome`` (None: success, a code: that
+    status)."""
     failure = rpc_error(outcome) if isinstance(outcome, grpc.StatusCode) else outcome
     try:
-        with breaker.admit():
+        with breaker.admit(seconds):
             if failure is not None:
                 raise failure
     except (grpc.aio.AioRpcError, asyncio.CancelledError):
@@ -183,3 +188,14 @@ def test_from_client_config() -> None:
     assert Breaker.of("chat", ClientConfig(breaker=False)) is None
     with pytest.raises(ConfigError, match="OPEA_CLIENT_BREAKER_FAILURE_RATIO"):
         ClientConfig(breaker_failure_ratio=0)
+
+
+def test_short_deadlines_the_caller_chose_do_not_open_it() -> None:
+    b = breaker(Clock(), min_deadline=1.0)
+    for _ in range(10):
+        call(b, C.DEADLINE_EXCEEDED, seconds=0.01)  # a client asked for 10 ms
+    assert state(b) is State.CLOSED
+    assert b.counts() == (0, 0)
+    for _ in range(4):
+        call(b, C.DEADLINE_EXCEEDED, seconds=2.0)  # a fair deadline, missed: the downstream
+    assert state(b) is State.OPEN
