@@ -128,12 +128,23 @@ async def _until_disconnect(receive: Receive, task: asyncio.Task[Any], gone: lis
     task.cancel()
 
 
+#: Seconds a request runs before its client's connection is watched. A disconnect before then
+#: is still seen (the watcher's first read reports it at once), only later: most requests end
+#: sooner and pay no watcher task at all.
+WATCH_AFTER = 0.25
+
+
 async def guarded(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``; if the client disconnects first, cancel it and raise :class:`ClientGone`."""
     task = asyncio.current_task()
     assert task is not None
     gone: list[bool] = []
-    watcher = asyncio.create_task(_until_disconnect(request.receive, task, gone))
+    watcher: list[asyncio.Task[None]] = []
+
+    def watch() -> None:
+        watcher.append(asyncio.create_task(_until_disconnect(request.receive, task, gone)))
+
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER, watch)
     try:
         return await work
     except asyncio.CancelledError:
@@ -142,7 +153,9 @@ async def guarded(request: Request, work: Awaitable[T]) -> T:
         _uncancel(task)
         raise ClientGone from None
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher:
+            watcher[0].cancel()
 
 
 class EventStream(Response):

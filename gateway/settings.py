@@ -67,7 +67,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     #: A log line per REST request (method, path, status, milliseconds, client; with the
     #: request id and trace id in the line's context).
-    access_log: bool = True
+    access_log: bool = False
 
     def __post_init__(self) -> None:
         for name in ("embedding", "retrieval", "chat"):

@@ -9,8 +9,6 @@ by it. The gateway opens a scope for each REST request the same way.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 
 _deadline: ContextVar[float | None] = ContextVar("opea_grpc_deadline", default=None)
@@ -43,18 +41,22 @@ def set_at(when: float) -> None:
     _deadline.set(when)
 
 
-@contextmanager
-def scope(seconds: float) -> Iterator[None]:
+class scope:  # lower case: used like a function, ``with deadline.scope(5.0):``
     """Run a block under a deadline no later than the one already in force.
 
     >>> with scope(5.0):
     ...     pass  # outbound calls here get at most 5 s
     """
-    now = time.monotonic()
-    current = _deadline.get()
-    new = now + seconds if current is None else min(current, now + seconds)
-    token = _deadline.set(new)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        end = time.monotonic() + self._seconds
+        current = _deadline.get()
+        self._token = _deadline.set(end if current is None or end < current else current)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _deadline.reset(self._token)
