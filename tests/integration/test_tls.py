@@ -120,12 +120,14 @@ async def test_health_cli_speaks_tls(pki: Path, subprocess_env: dict[str, str]) 
         assert code == 2  # a plaintext probe cannot reach it
 
 
-async def test_the_pipeline_runs_over_mutual_tls(pki: Path, tmp_path: Path) -> None:
-    """Gateway and services all require client certificates; a chat request still answers."""
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+async def test_the_pipeline_runs_over_tls(pki: Path, tmp_path: Path, mutual: bool) -> None:
+    """Gateway and services all speak TLS only (and with ``mutual`` require client
+    certificates); a chat request still answers, and strangers are refused."""
     services = default_services(tmp_path)
     for name, service in services.items():
-        service.config = server_config(pki, name, mutual=True)
-    client = client_config(pki, cert="ours")
+        service.config = server_config(pki, name, mutual=mutual)
+    client = client_config(pki, cert="ours") if mutual else client_config(pki)
     async with AsyncExitStack() as stack:
         for service in services.values():
             await stack.enter_async_context(started(service, client))
@@ -134,11 +136,12 @@ async def test_the_pipeline_runs_over_mutual_tls(pki: Path, tmp_path: Path) -> N
             embedding=targets["embedding"], retrieval=targets["retrieval"],
             rerank=targets["rerank"], chat=targets["chat"], rest_port=0,
         )  # fmt: skip
-        gw = build_gateway(server_config(pki, "gateway", mutual=True), settings, client)
+        gw = build_gateway(server_config(pki, "gateway", mutual=mutual), settings, client)
         await gw.start()
         stack.push_async_callback(gw.stop, 0)
         https = ssl.create_default_context(cafile=str(pki / "ours" / "ca.pem"))
-        https.load_cert_chain(pki / "ours" / "client.pem", pki / "ours" / "client-key.pem")
+        if mutual:
+            https.load_cert_chain(pki / "ours" / "client.pem", pki / "ours" / "client-key.pem")
         assert gw.rest.url.startswith("https://")
         async with httpx.AsyncClient(base_url=gw.rest.url, verify=https) as http:
             for _ in range(100):
@@ -156,15 +159,20 @@ async def test_the_pipeline_runs_over_mutual_tls(pki: Path, tmp_path: Path) -> N
             )
         assert reply.status_code == 200, reply.text
         assert "mutual TLS" in reply.json()["choices"][0]["message"]["content"]
-        # REST without a client certificate is refused at the handshake
-        anonymous = ssl.create_default_context(cafile=str(pki / "ours" / "ca.pem"))
-        async with httpx.AsyncClient(base_url=gw.rest.url, verify=anonymous) as http:
+        # REST: with mutual TLS a client without a certificate is refused at the handshake;
+        # either way a client that trusts another CA does not take the gateway for its server
+        stranger = ssl.create_default_context(
+            cafile=str(pki / ("ours" if mutual else "theirs") / "ca.pem")
+        )
+        async with httpx.AsyncClient(base_url=gw.rest.url, verify=stranger) as http:
             with pytest.raises(httpx.TransportError):
                 await http.get("/healthz")
-        # the gateway's own gRPC face refuses a client without a certificate
+        # the same on the gateway's own gRPC face
         channel = grpc.aio.secure_channel(
             gw.target,
-            grpc.ssl_channel_credentials(root_certificates=(pki / "ours" / "ca.pem").read_bytes()),
+            grpc.ssl_channel_credentials(
+                root_certificates=(pki / ("ours" if mutual else "theirs") / "ca.pem").read_bytes()
+            ),
         )
         try:
             with pytest.raises(grpc.aio.AioRpcError):
