@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import grpc
 
-from opea_grpc import telemetry
 from opea_grpc.config import ClientConfig
 from opea_grpc.keys import bearer_interceptors
 from opea_grpc.tls import channel_credentials
@@ -116,7 +115,6 @@ def connect(
     options = channel_options(services, cfg)
     interceptors = (
         *interceptors,
-        *telemetry.client_interceptors(),
         *(bearer_interceptors(cfg.service_key) if cfg.service_key else ()),
     )
     credentials = channel_credentials(cfg)

@@ -11,15 +11,17 @@ propagates deadlines nor applies the service config's per-method timeout.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import grpc
 
-from opea_grpc import deadline, logs
+from opea_grpc import deadline, logs, telemetry
 from opea_grpc.breaker import Breaker
+from opea_grpc.errors import ServiceError
 from opea_grpc.logs import REQUEST_ID_KEY
 from opea_grpc.pb.v1 import (
     chat_pb2,
@@ -56,6 +58,12 @@ def _tagged(metadata: Metadata | None) -> Metadata | None:
     if not rid:
         return metadata
     return ((REQUEST_ID_KEY, rid),) if metadata is None else (*metadata, (REQUEST_ID_KEY, rid))
+
+
+def _name(method: object) -> str:
+    """The ``/package.Service/Method`` a stub's callable calls."""
+    name = getattr(method, "_method", b"")
+    return name.decode() if isinstance(name, bytes) else str(name or "unknown")
 
 
 class _Client:
@@ -96,6 +104,31 @@ class _Client:
         metadata: Metadata | None,
     ) -> Resp:
         """Call; retry an UNAVAILABLE or CANCELLED that gRPC did not, while time and budget last."""
+        if telemetry.tracer is None:
+            return await self._call(method, request, timeout, metadata)
+        span, context = telemetry.client_span(_name(method))
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            return await self._call(method, request, timeout, (*(metadata or ()), *context))
+        except grpc.aio.AioRpcError as exc:
+            code, message = exc.code(), exc.details() or ""
+            raise
+        except ServiceError as exc:  # refused by the breaker
+            code, message = exc.code, exc.message
+            raise
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            telemetry.end(span, code, message)
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Resp]],
+        request: object,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> Resp:
         breaker = self.breaker
         seconds = self._timeout(timeout)
         with _UNGUARDED if breaker is None else breaker.admit(seconds):
@@ -111,7 +144,7 @@ class _Client:
                     if exc.code() not in _RETRIED or seconds <= 0 or not budget.withdraw():
                         raise
 
-    async def _stream(
+    def _stream(
         self,
         method: Callable[..., grpc.aio.UnaryStreamCall[object, Resp]],
         request: object,
@@ -120,6 +153,47 @@ class _Client:
     ) -> AsyncIterator[Resp]:
         """Relay a stream; retry as :meth:`_unary` before the first message; cancel when
         abandoned."""
+        if telemetry.tracer is None:
+            return self._relay(method, request, timeout, metadata)
+        return self._traced(method, request, timeout, metadata)
+
+    async def _traced(
+        self,
+        method: Callable[..., grpc.aio.UnaryStreamCall[object, Resp]],
+        request: object,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> AsyncIterator[Resp]:
+        # The span is not made current: the generator may be resumed and closed from elsewhere.
+        span, context = telemetry.client_span(_name(method))
+        code, details, count = grpc.StatusCode.OK, "", 0
+        relay = self._relay(method, request, timeout, (*(metadata or ()), *context))
+        try:
+            async with contextlib.aclosing(relay):  # closing this closes the call at once
+                async for message in relay:
+                    count += 1
+                    yield message
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            raise
+        except ServiceError as exc:
+            code, details = exc.code, exc.message
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute("opea.stream.messages", count)
+            telemetry.end(span, code, details)
+
+    async def _relay(
+        self,
+        method: Callable[..., grpc.aio.UnaryStreamCall[object, Resp]],
+        request: object,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> AsyncGenerator[Resp, None]:
         breaker = self.breaker
         seconds = self._timeout(timeout)
         with _UNGUARDED if breaker is None else breaker.admit(seconds):

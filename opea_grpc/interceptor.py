@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from opea_grpc import deadline, logs
+from opea_grpc import deadline, logs, telemetry
 from opea_grpc.errors import NodeError, ServiceError
 from opea_grpc.logs import REQUEST_ID_KEY
 from opea_grpc.metrics import MethodMetrics, RpcMetrics
@@ -217,6 +217,59 @@ def _metered_generator(method: str, behavior: Behavior, m: MethodMetrics) -> Beh
     return guarded
 
 
+def _traced_coroutine(method: str, behavior: Behavior) -> Behavior:
+    async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        metadata = context.invocation_metadata()
+        if telemetry.unsampled(metadata):
+            return await behavior(request, context)
+        with telemetry.server_span(method, metadata) as span:
+            code = grpc.StatusCode.OK
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                code = _aborted(context)
+                raise
+            except asyncio.CancelledError:
+                code = _stopped(context)
+                raise
+            finally:
+                telemetry.end(span, code, context.details() or "")
+
+    return traced
+
+
+def _traced_generator(method: str, behavior: Behavior) -> Behavior:
+    async def traced(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        metadata = context.invocation_metadata()
+        if telemetry.unsampled(metadata):
+            async for item in behavior(request, context):
+                yield item
+            return
+        with telemetry.server_span(method, metadata) as span:
+            code = grpc.StatusCode.OK
+            began, sent = time.perf_counter(), 0
+            try:
+                async for item in behavior(request, context):
+                    if not sent:
+                        first = (time.perf_counter() - began) * 1000
+                        span.set_attribute("opea.stream.time_to_first_message_ms", round(first, 3))
+                    sent += 1
+                    yield item
+            except grpc.aio.AbortError:
+                code = _aborted(context)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _stopped(context)
+                raise
+            finally:
+                span.set_attribute("opea.stream.messages", sent)
+                telemetry.end(span, code, context.details() or "")
+
+    return traced
+
+
 def guard(
     method: str, handler: grpc.RpcMethodHandler[Any, Any], metrics: RpcMetrics | None = None
 ) -> grpc.RpcMethodHandler[Any, Any]:
@@ -236,6 +289,8 @@ def guard(
             wrapped = _metered_generator(method, behavior, metrics.method(method, "server_stream"))
         else:
             wrapped = _metered_coroutine(method, behavior, metrics.method(method, "unary"))
+        if telemetry.tracer is not None:  # outermost: the span covers the whole call
+            wrapped = (_traced_generator if streams else _traced_coroutine)(method, wrapped)
         return handler._replace(  # type: ignore[attr-defined,no-any-return]
             **{field: wrapped, "request_deserializer": _tolerant(handler.request_deserializer)}
         )

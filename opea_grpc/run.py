@@ -212,6 +212,8 @@ class Run:
 
     async def _traced(self, node: Node[Any, Any, Any]) -> object:
         """:meth:`_call` inside a span of its own (tracing on): the node's gRPC call nests in it."""
+        if not telemetry.recording():  # an unsampled request: no span, no cost
+            return await self._call(node)
         tracer = typing.cast("Tracer", telemetry.tracer)
         with tracer.start_as_current_span(
             f"node {node.name}", attributes={"opea.node": node.name, "opea.optional": node.optional}
@@ -348,7 +350,7 @@ class StreamRun(Generic[S]):
             raise StopAsyncIteration
         now = run.started[sink.name] = time.perf_counter()
         seconds = min(sink.timeout, run.deadline - now)
-        if telemetry.tracer is not None:
+        if telemetry.tracer is not None and telemetry.recording():
             self._span = _StreamSpan(telemetry.tracer, sink.name)
         try:
             if seconds <= 0:

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
-from opea_grpc import telemetry
 from opea_grpc.config import ServerConfig
 from opea_grpc.health import HEALTH_SERVICE, NOT_SERVING, SERVING, HealthService
 from opea_grpc.interceptor import guard
@@ -258,7 +257,6 @@ class MicroService:
         cfg = self.config
         server = grpc.aio.server(
             interceptors=(
-                *telemetry.server_interceptors(),
                 *([ServiceKeys(cfg.service_keys)] if cfg.service_keys else ()),
                 *self._interceptors,
             ),

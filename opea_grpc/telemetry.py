@@ -1,15 +1,18 @@
 """Tracing with OpenTelemetry: configured once per process from the standard ``OTEL_*`` variables.
 
-Off unless asked for, and then free: with tracing off no interceptor is installed and the
-pipeline checks one module global per node. It is on when ``OTEL_TRACES_EXPORTER`` names an
+Off unless asked for, and then free: with tracing off every hot path checks one module global
+(:data:`tracer`) and does nothing more. It is on when ``OTEL_TRACES_EXPORTER`` names an
 exporter (``otlp``, ``console``; a comma list) or an OTLP endpoint is set
 (``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), and
 ``OTEL_SDK_DISABLED`` is not true. The SDK reads the rest itself: ``OTEL_SERVICE_NAME``,
 ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``, ``OTEL_EXPORTER_OTLP_*``.
 
-Once on, every gRPC server span and client span carries W3C trace context in the call's metadata
-(the contrib gRPC instrumentation), each pipeline node gets a span of its own, and the gateway
-opens one span per REST request: one request is one trace across every process.
+Once on, each call a service serves gets a server span (opened by the wrapper every method
+already runs behind, :mod:`opea_grpc.interceptor`, not by a gRPC interceptor: grpc.aio's
+interceptor path costs about 0.25 ms of CPU a call), each typed client call a client span whose
+W3C trace context travels in the call's metadata, each pipeline node a span of its own, and the
+gateway's REST requests a server span: one request is one trace across every process. Health
+and reflection calls get none.
 
 >>> telemetry.configure("opea-rerank", os.environ)   # at the entrypoint, before any channel
 """
@@ -17,14 +20,18 @@ opens one span per REST request: one request is one trace across every process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
+
+import grpc
 
 from opea_grpc.config import ConfigError, parse_bool
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Tracer
+    from opentelemetry.trace import Span, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +39,6 @@ log = logging.getLogger(__name__)
 tracer: Tracer | None = None
 _provider: TracerProvider | None = None
 
-#: Services whose calls get no span: probes and tool traffic, not requests.
-_UNTRACED = ("grpc.health.v1.", "grpc.reflection.")
 _EXPORTERS = ("otlp", "console")
 
 
@@ -114,28 +119,73 @@ def annotate(attributes: Mapping[str, str | int | float | bool]) -> None:
     trace.get_current_span().set_attributes(attributes)
 
 
-def _traced(details: Any) -> bool:
-    method = getattr(details, "method", "")
-    if isinstance(method, bytes):
-        method = method.decode()
-    return not method.lstrip("/").startswith(_UNTRACED)
+def _rpc(method: str) -> tuple[str, dict[str, str]]:
+    """The span name and attributes of ``/package.Service/Method`` (OpenTelemetry RPC
+    conventions: ``package.Service/Method``)."""
+    name = method.lstrip("/")
+    service, _, rpc_method = name.partition("/")
+    return name, {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc_method}
 
 
-def server_interceptors() -> Sequence[Any]:
-    """The server interceptor that opens a span per call (none while tracing is off)."""
-    if tracer is None:
-        return ()
-    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+def unsampled(metadata: Any) -> bool:
+    """Whether the caller's trace context (``traceparent`` in ``metadata``) says it is not
+    sampled: then the call records nothing at all, and costs next to nothing."""
+    for key, value in metadata or ():
+        if key == "traceparent":
+            return isinstance(value, str) and value.endswith("-00")
+    return False
 
-    interceptor = aio_server_interceptor(tracer_provider=_provider, filter_=_traced)  # type: ignore[no-untyped-call]
-    return (interceptor,)
+
+def recording() -> bool:
+    """Whether the current span records (False under an unsampled request)."""
+    from opentelemetry import trace
+
+    return trace.get_current_span().is_recording()
 
 
-def client_interceptors() -> Sequence[Any]:
-    """The channel interceptors that open a client span per call and send trace context."""
-    if tracer is None:
-        return ()
-    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+def server_span(method: str, metadata: Any) -> AbstractContextManager[Span]:
+    """The server span of one call, current while it runs, child of the caller's span when the
+    call's metadata carries W3C trace context (tracing on)."""
+    from opentelemetry import propagate, trace
 
-    made = aio_client_interceptors(tracer_provider=_provider, filter_=_traced)  # type: ignore[no-untyped-call]
-    return tuple(made)
+    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+    name, attributes = _rpc(method)
+    return typing.cast("Tracer", tracer).start_as_current_span(
+        name,
+        context=propagate.extract(carrier),
+        kind=trace.SpanKind.SERVER,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
+def client_span(method: str) -> tuple[Span | None, tuple[tuple[str, str], ...]]:
+    """A client span for one outbound call, child of the current span, and the metadata that
+    carries its context to the server (tracing on). End it with :func:`end`. Under a request
+    that is not sampled there is no span: the metadata only tells the server so."""
+    from opentelemetry import propagate, trace
+
+    carrier: dict[str, str] = {}
+    current = trace.get_current_span()
+    if current.get_span_context().is_valid and not current.is_recording():
+        propagate.inject(carrier)
+        return None, tuple(carrier.items())
+    name, attributes = _rpc(method)
+    span = typing.cast("Tracer", tracer).start_span(
+        name, kind=trace.SpanKind.CLIENT, attributes=attributes
+    )
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return span, tuple(carrier.items())
+
+
+def end(span: Span | None, code: grpc.StatusCode, message: str = "") -> None:
+    """Record the call's status on ``span`` and end it."""
+    if span is None:
+        return
+    from opentelemetry import trace
+
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {message}"))
+    span.end()

@@ -74,7 +74,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         while True:
             for spans in self.traces.values():
                 roots = [r.span.name for r in spans if not r.span.parent_span_id]
-                names = {(r.service, r.span.name.lstrip("/")) for r in spans}
+                names = {(r.service, r.span.name) for r in spans}
                 if roots == [root_name] and expected <= names:
                     return spans
             self.arrived.clear()
@@ -120,6 +120,7 @@ async def mesh(tmp_path: Path, subprocess_env: dict[str, str]) -> AsyncIterator[
         "OPEA_EMBEDDING_BACKEND": "hashing",
         "OPEA_RETRIEVAL_DATA_DIR": str(tmp_path / "retrieval"),
         "OPEA_LOG_FORMAT": "json",
+        "OPEA_GATEWAY_ACCESS_LOG": "true",
     }
     rest, face = free_port(), free_port()
     async with AsyncExitStack() as stack:
@@ -205,7 +206,7 @@ async def test_a_rest_chat_request_is_one_trace_across_every_process(mesh: Mesh)
     assert set(by_name) >= NODES, sorted(by_name)
     spans_by_id = {r.span.span_id: r for r in spans}
     for method, service in hops:
-        calls = [r for r in spans if r.span.name.lstrip("/") == method]
+        calls = [r for r in spans if r.span.name == method]
         client = [r for r in calls if r.span.kind == trace_pb2.Span.SPAN_KIND_CLIENT]
         server = [r for r in calls if r.span.kind == trace_pb2.Span.SPAN_KIND_SERVER]
         assert len(client) == 1, [(r.service, r.span.kind) for r in calls]
@@ -268,10 +269,41 @@ async def test_a_grpc_request_to_the_gateway_is_one_trace(mesh: Mesh) -> None:
         )
     assert reply.chat.message.content
     spans = await mesh.receiver.trace_of(
-        "/opea.v1.ChatQnAService/Ask",
+        "opea.v1.ChatQnAService/Ask",
         ("opea-gateway", "node chat"),
         ("opea-chat", "opea.v1.ChatService/Chat"),
         ("opea-retrieval", "opea.v1.RetrievalService/Search"),
     )
     by_name = check_one_trace(spans)
     assert {"node chat", "node retrieve"} <= set(by_name)
+
+
+async def test_a_request_its_caller_did_not_sample_records_nothing(mesh: Mesh) -> None:
+    unsampled = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with httpx.AsyncClient(base_url=mesh.rest, timeout=30) as http:
+        for traceparent in (f"00-{unsampled}-00f067aa0ba902b7-00", None):
+            answer = await http.post(
+                "/v1/chat/completions",
+                headers={"traceparent": traceparent} if traceparent else {},
+                json={
+                    "model": "extractive-answerer",
+                    "messages": [{"role": "user", "content": "Which port does it use?"}],
+                    "opea": {"cache": False},
+                },
+            )
+            assert answer.status_code == 200, answer.text
+    # Every process exports in order: once the later (sampled) request's spans are all here,
+    # the earlier one's would be too, had any been recorded.
+    await mesh.receiver.trace_of(
+        "POST /v1/chat/completions",
+        *(
+            (f"opea-{s}", m)
+            for s, m in [
+                ("embedding", "opea.v1.EmbeddingService/Embed"),
+                ("retrieval", "opea.v1.RetrievalService/Search"),
+                ("rerank", "opea.v1.RerankService/Rerank"),
+                ("chat", "opea.v1.ChatService/Chat"),
+            ]
+        ),
+    )
+    assert bytes.fromhex(unsampled) not in mesh.receiver.traces
