@@ -14,6 +14,7 @@ import logging
 import secrets
 import sys
 import time
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -333,32 +334,37 @@ class _Guard:
 
         route = scope["path"] if scope["path"] in self.metrics.routes else "other"
         gauge = self.metrics.in_flight_of(route)
+        app = self.direct.get((scope["method"], scope["path"]), self.app)
+        traced = telemetry.tracer is not None and scope["path"] not in _PROBES
         gauge.inc()
         if capacity is not None:
             capacity.enter()
-        app = self.direct.get((scope["method"], scope["path"]), self.app)
         logged = logs.request_id.set(rid)
-        span = None if telemetry.tracer is None else _Span(telemetry.tracer, scope, rid)
+        span = None
         try:
+            if traced:
+                span = _Span(typing.cast("Tracer", telemetry.tracer), scope, rid)
             await app(scope, limited, sending)
         finally:
             gauge.dec()
             if capacity is not None:
                 capacity.leave()
-            if who and self.limiter is not None:
-                self.limiter.charge(who, scope.get("state", {}).get(USAGE, 0))
             matched = getattr(scope.get("route"), "path", None)
-            label = matched or (route if route != "other" else "unmatched")
-            seconds = time.perf_counter() - started
-            self.metrics.finished(label, status[0], seconds)
-            if self.access_log:
-                _access.info(
-                    '%s %s %d %.1fms "%s"', scope["method"], scope["path"], status[0],
-                    seconds * 1000, (scope.get("client") or ("-",))[0],
-                )  # fmt: skip
-            if span is not None:
-                span.end(matched, status[0])
-            logs.request_id.reset(logged)
+            try:
+                if who and self.limiter is not None:
+                    self.limiter.charge(who, scope.get("state", {}).get(USAGE, 0))
+                label = matched or (route if route != "other" else "unmatched")
+                seconds = time.perf_counter() - started
+                self.metrics.finished(label, status[0], seconds)
+                if self.access_log:
+                    _access.info(
+                        '%s %s %d %.1fms "%s"', scope["method"], scope["path"], status[0],
+                        seconds * 1000, (scope.get("client") or ("-",))[0],
+                    )  # fmt: skip
+            finally:  # the span's context and the request id come off whatever happens
+                if span is not None:
+                    span.end(matched, status[0])
+                logs.request_id.reset(logged)
 
     def _message(self) -> str:
         return f"the request body exceeds {self.max_body} bytes (OPEA_GATEWAY_MAX_BODY_BYTES)"

@@ -26,7 +26,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from opea_grpc import deadline, logs, telemetry
-from opea_grpc.errors import NodeError, ServiceError
+from opea_grpc.errors import NodeError, ServiceError, status_of
 from opea_grpc.logs import REQUEST_ID_KEY
 from opea_grpc.metrics import MethodMetrics, RpcMetrics
 
@@ -45,9 +45,9 @@ def _status(
         return exc.code, exc.message, exc.trailing_metadata
     if isinstance(exc, NodeError):  # a pipeline node failed: its status, naming the node
         return exc.code, str(exc), None
-    if isinstance(exc, grpc.aio.AioRpcError):
-        # A downstream call failed: pass its status on.
-        return exc.code(), exc.details() or exc.code().name, None
+    code, message = status_of(exc)  # a downstream's status passed on; a timeout's
+    if code is not grpc.StatusCode.INTERNAL or isinstance(exc, grpc.aio.AioRpcError):
+        return code, message, None
     # Read only now, off the hot path: the caller's request id, for the log line.
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str):
@@ -221,7 +221,8 @@ def _traced_coroutine(method: str, behavior: Behavior) -> Behavior:
     async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         metadata = context.invocation_metadata()
         if telemetry.unsampled(metadata):
-            return await behavior(request, context)
+            with telemetry.remote(metadata):
+                return await behavior(request, context)
         with telemetry.server_span(method, metadata) as span:
             code = grpc.StatusCode.OK
             try:
@@ -244,8 +245,9 @@ def _traced_generator(method: str, behavior: Behavior) -> Behavior:
     ) -> AsyncIterator[Any]:
         metadata = context.invocation_metadata()
         if telemetry.unsampled(metadata):
-            async for item in behavior(request, context):
-                yield item
+            with telemetry.remote(metadata):
+                async for item in behavior(request, context):
+                    yield item
             return
         with telemetry.server_span(method, metadata) as span:
             code = grpc.StatusCode.OK

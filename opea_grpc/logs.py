@@ -1,9 +1,10 @@
 """Log lines, plain or JSON, each carrying the request id and trace id of the call it serves.
 
 Library modules only call :mod:`logging`; the entrypoint calls :func:`configure` once. The
-request id is a context variable: the gateway sets it from ``x-request-id`` (or makes one), a
-service sets it from the same gRPC metadata key, and the typed clients pass it on; the trace id
-is the current span's when tracing is on.
+request id is a context variable: the gateway sets it for each REST request from ``x-request-id``
+(or makes one), the typed clients pass it on in the same gRPC metadata key, and a service reads it
+from there for the lines it logs about a failed call; the trace id is the current span's when
+tracing is on.
 
     {"time": "2026-11-22T10:00:00.123Z", "level": "WARNING", "logger": "gateway.app",
      "message": "...", "request_id": "5f2c-000042", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}

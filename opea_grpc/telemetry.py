@@ -9,10 +9,10 @@ exporter (``otlp``, ``console``; a comma list) or an OTLP endpoint is set
 
 Once on, each call a service serves gets a server span (opened by the wrapper every method
 already runs behind, :mod:`opea_grpc.interceptor`, not by a gRPC interceptor: the contrib
-instrumentation's grpc.aio interceptors cost about 0.1 ms of CPU more per call), each typed client call a client span whose
-W3C trace context travels in the call's metadata, each pipeline node a span of its own, and the
-gateway's REST requests a server span: one request is one trace across every process. Health
-and reflection calls get none.
+instrumentation's grpc.aio interceptors cost about 0.1 ms of CPU more per call), each typed
+client call a client span whose W3C trace context travels in the call's metadata, each pipeline
+node a span of its own, and the gateway's REST requests a server span: one request is one trace
+across every process. Health and reflection calls get none.
 
 >>> telemetry.configure("opea-rerank", os.environ)   # at the entrypoint, before any channel
 """
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import typing
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -129,11 +129,30 @@ def _rpc(method: str) -> tuple[str, dict[str, str]]:
 
 def unsampled(metadata: Any) -> bool:
     """Whether the caller's trace context (``traceparent`` in ``metadata``) says it is not
-    sampled: then the call records nothing at all, and costs next to nothing."""
+    sampled (the flags' lowest bit clear): then the call records nothing and costs little."""
     for key, value in metadata or ():
         if key == "traceparent":
-            return isinstance(value, str) and value.endswith("-00")
+            flags = value[-2:] if isinstance(value, str) else ""
+            return len(flags) == 2 and flags in _UNSAMPLED
     return False
+
+
+#: ``traceparent`` flags with the sampled bit clear (``00``, ``02`` with the random bit ...).
+_UNSAMPLED = frozenset(f"{n:02x}" for n in range(256) if not n & 1)
+
+
+@contextmanager
+def remote(metadata: Any) -> Iterator[None]:
+    """The caller's trace context, current without a span of its own: calls made from here
+    carry it on (still unsampled) instead of starting traces of their own."""
+    from opentelemetry import context, propagate
+
+    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+    token = context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        context.detach(token)
 
 
 def recording() -> bool:

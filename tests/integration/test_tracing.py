@@ -307,3 +307,31 @@ async def test_a_request_its_caller_did_not_sample_records_nothing(mesh: Mesh) -
         ),
     )
     assert bytes.fromhex(unsampled) not in mesh.receiver.traces
+
+
+async def test_an_unsampled_grpc_request_starts_no_trace_downstream(mesh: Mesh) -> None:
+    """The gateway's gRPC face, asked without sampling, passes that on: no span anywhere, and
+    no downstream call starts a trace of its own."""
+    unsampled = "5bf92f3577b34da6a3ce929d0e0e4737"
+    question = chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER, content="Where does it listen?")
+    ask = chatqna_pb2.AskRequest(chat=chat_pb2.ChatRequest(messages=[question]))
+    async with grpc.aio.insecure_channel(mesh.grpc_target) as channel:
+        client = ChatQnAClient(channel)
+        await client.ask(
+            ask, timeout=30, metadata=(("traceparent", f"00-{unsampled}-00f067aa0ba902b7-00"),)
+        )
+        await client.ask(ask, timeout=30)
+    spans = await mesh.receiver.trace_of(
+        "opea.v1.ChatQnAService/Ask",
+        ("opea-gateway", "node chat"),
+        ("opea-chat", "opea.v1.ChatService/Chat"),
+    )
+    assert bytes.fromhex(unsampled) not in mesh.receiver.traces
+    roots = [
+        r.span.name
+        for trace in mesh.receiver.traces.values()
+        for r in trace
+        if not r.span.parent_span_id and trace is not spans
+    ]
+    pipeline = ("/Embed", "/Search", "/Rerank", "/Chat", "/ChatStream")
+    assert not [name for name in roots if name.endswith(pipeline)], roots
