@@ -1,3 +1,3 @@
-from opea_grpc.cli import main
+from opea_grpc.entry import main
 
 raise SystemExit(main())

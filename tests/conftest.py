@@ -1,14 +1,18 @@
 from __future__ import annotations
 
 import os
-
-# One BLAS thread per process: the suite shares two cores with the services it starts, and
-# OpenBLAS threads that wait on each other there run several times slower than one thread.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import shutil
 from pathlib import Path
 
 import pytest
+
+from opea_grpc import entry  # imports no grpc
+
+# One BLAS thread per process: the suite shares two cores with the services it starts, and
+# OpenBLAS threads that wait on each other there run several times slower than one thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# gRPC in this process as the command runs it (settled before any test module imports grpc).
+entry.prepare()
 
 ROOT = Path(__file__).resolve().parent.parent
 

