@@ -143,7 +143,10 @@ class _Reflector:
                     body = _error(grpc.StatusCode.INVALID_ARGUMENT, detail)
         except _NotFound as error:
             body = _error(grpc.StatusCode.NOT_FOUND, str(error))
-        return response_type(original_request=request, **body)
+        # The message's fields as keywords (nested dicts build nested messages).
+        build: Any = response_type
+        answer: message.Message = build(original_request=request, **body)
+        return answer
 
     def _first(
         self, what: str, find: Callable[[descriptor_pool.DescriptorPool, _K], _T], key: _K

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -429,7 +429,7 @@ async def test_v1_schema_describes_itself(running: Running) -> None:
         f"/{V1}/ServerReflectionInfo",
         request_serializer=request_class.SerializeToString,
         response_deserializer=response_class.FromString,
-    )(iter([request_class(list_services="")]), timeout=DEADLINE)
+    )(iter([cast(Any, request_class)(list_services="")]), timeout=DEADLINE)
     answers: Sequence[Any] = [answer async for answer in call]
     assert [s.name for s in answers[0].list_services_response.service] == sorted(
         {*SERVICES, *REFLECTION_SERVICES}
