@@ -63,8 +63,26 @@ _PROBES = frozenset({"/healthz", "/readyz", "/v1/health_check", "/metrics"})
 USAGE = "opea_usage_tokens"
 
 
-def _json(content: object, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(content), media_type=_JSON, headers=headers)
+class JSONBytes(Response):
+    """``content`` as orjson's bytes, ``application/json``. Its headers are built as bytes at
+    once (starlette's own constructor re-reads them as strings: on every answer, that adds up).
+    """
+
+    media_type = _JSON
+
+    def __init__(self, content: object, headers: dict[str, str] | None = None) -> None:
+        self.status_code = 200
+        self.background = None
+        self.body = body = orjson.dumps(content)
+        self.raw_headers = [(b"content-length", b"%d" % len(body)), (b"content-type", _JSON_BYTES)]
+        if headers:
+            self.raw_headers += [
+                (k.lower().encode(), v.encode("latin-1")) for k, v in headers.items()
+            ]
+
+
+_JSON_BYTES = _JSON.encode()
+_json = JSONBytes
 
 
 def _error_docs(*statuses: int) -> dict[int | str, dict[str, Any]]:

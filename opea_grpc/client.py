@@ -96,16 +96,27 @@ class _Client:
     def _timeout(self, timeout: float | None) -> float:
         return deadline.bound(self.timeout if timeout is None else timeout)
 
-    async def _unary(
+    def _unary(
+        self,
+        method: Callable[..., Awaitable[Resp]],
+        request: object,
+        timeout: float | None,
+        metadata: Metadata | None,
+    ) -> Awaitable[Resp]:
+        """Call; retry an UNAVAILABLE or CANCELLED that gRPC did not, while time and budget last.
+        (A plain function: untraced, the typed method awaits the call itself, one coroutine
+        fewer per call.)"""
+        if telemetry.tracer is None:
+            return self._call(method, request, timeout, metadata)
+        return self._traced_call(method, request, timeout, metadata)
+
+    async def _traced_call(
         self,
         method: Callable[..., Awaitable[Resp]],
         request: object,
         timeout: float | None,
         metadata: Metadata | None,
     ) -> Resp:
-        """Call; retry an UNAVAILABLE or CANCELLED that gRPC did not, while time and budget last."""
-        if telemetry.tracer is None:
-            return await self._call(method, request, timeout, metadata)
         span, context = telemetry.client_span(_name(method))
         code, message = grpc.StatusCode.OK, ""
         try:

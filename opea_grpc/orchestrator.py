@@ -124,14 +124,17 @@ class ServiceOrchestrator(Generic[S]):
                 raise GraphError("the graph has no nodes: add() some first")
             names, edges = list(self._nodes), list(self._edges)
             before = graph.predecessors(names, edges)
+            after = graph.successors(names, edges)
+            sources = graph.sources(names, edges)
             self._plan = Plan(
                 nodes=dict(self._nodes),
                 before=before,
-                after=graph.successors(names, edges),
-                sources=graph.sources(names, edges),
+                after=after,
+                sources=sources,
                 sinks=graph.sinks(names, edges),
                 adapters={b: e.adapter for (_, b), e in self._edges.items() if len(before[b]) == 1},
                 observer=self._observer,
+                chain=len(sources) == 1 and all(len(a) <= 1 for a in after.values()),
             )
         return self._plan
 

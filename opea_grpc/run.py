@@ -63,6 +63,9 @@ class Plan:
     adapters: Mapping[str, Callable[[Any], Any] | None]  # into each single-predecessor node
     #: Told of every node of every run as it ends (metrics): ok, failed, timed out or skipped.
     observer: Callable[[NodeTiming], None] | None = None
+    #: One source and no node with two successors: a run is one sequence of calls, made in the
+    #: caller's own task (no task, future or wake-up of its own).
+    chain: bool = False
 
 
 if sys.version_info >= (3, 11):
@@ -92,8 +95,8 @@ class Run:
     """One execution of a plan: all the per-request state, and the scheduling.
 
     A node that finishes starts the successors it was the last to wait for: the first goes on in
-    the same task, each other one in a task of its own. A chain thus costs one task, and parallel
-    branches run concurrently; nothing polls.
+    the same task, each other one in a task of its own. Parallel branches thus run concurrently,
+    and a plan that is a chain runs in the caller's task; nothing polls.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class Run:
         self.waiting = {name: len(before) for name, before in plan.before.items()}
         self.degraded = self.closing = False
         self.done: asyncio.Future[None] | None = None
+        self.failure: NodeError | None = None
 
     async def execute(self) -> None:
         """Run every node but the held one (a streamed sink); return when all have ended."""
@@ -124,6 +128,9 @@ class Run:
                     f"the request ({type(request).__qualname__}) cannot feed source node"
                     f" {name!r} (takes {type_name(node.input_type)})"
                 )
+        if self.plan.chain:
+            await self._inline(self.plan.sources[0])
+            return
         self.done = asyncio.get_running_loop().create_future()
         for name in self.plan.sources:
             if name != self.held:
@@ -144,7 +151,24 @@ class Run:
                 task.cancel()
             await asyncio.wait(tasks)
 
+    async def _inline(self, source: str) -> None:
+        """Run a chain in this task; raise the first required node's failure. A cancellation
+        of this task stops it, as :meth:`cancel` stops the tasks of a branching plan."""
+        if source == self.held:
+            return
+        self.started[source] = time.perf_counter()
+        name: str | None = source
+        try:
+            while name is not None:
+                name = await self._step(name)
+        finally:
+            self.closing = True
+        if self.failure is not None:
+            raise self.failure
+
     def _settle(self, failure: NodeError | None) -> None:
+        if failure is not None and self.failure is None:
+            self.failure = failure
         if self.done is None or self.done.done():
             return
         if failure is None:
@@ -173,7 +197,11 @@ class Run:
         try:
             reply = await (self._call(node) if telemetry.tracer is None else self._traced(node))
         except (Exception, asyncio.CancelledError) as error:
-            stopped = self.closing and isinstance(error, asyncio.CancelledError)
+            # Cancelled: the run is stopping (a branching plan's tasks), or the caller's task
+            # itself was (a chain runs in it).
+            stopped = isinstance(error, asyncio.CancelledError) and (
+                self.closing or self.plan.chain
+            )
             status, code, message = (
                 (NodeStatus.SKIPPED, grpc.StatusCode.CANCELLED, "cancelled: the run stopped")
                 if stopped
