@@ -712,12 +712,13 @@ async def measure(
     pids: Mapping[str, int],
     level: int,
     stream: bool,
+    run: int = 0,
 ) -> Row:
     client = loadgen_for(args, level, stream)
     if client in ("wrk", "hey") and shutil.which(client) is None:
         raise SystemExit(f"{client} is not installed: {INSTALL}")
     drive = {"httpx": drive_httpx, "raw": drive_raw, "wrk": drive_wrk, "hey": drive_hey}[client]
-    label = f"{'s' if stream else 'u'}{level}"
+    label = f"{'s' if stream else 'u'}{level}r{run}"  # distinct questions in every run
     if args.warmup > 0:
         await drive(url, Questions(model, same=args.same_question, label=label + "w"), level,
                     Load(args.warmup), stream)  # fmt: skip
@@ -801,8 +802,8 @@ async def run(args: argparse.Namespace, url: str, pids: Mapping[str, int],
     modes = [False] if args.no_stream else [False, True]
     for stream in modes:
         for level in args.levels:
-            for _ in range(args.repeat):
-                rows.append(await measure(args, url, model, pids, level, stream))
+            for n in range(args.repeat):
+                rows.append(await measure(args, url, model, pids, level, stream, n))
     what = f"{len(pids)} processes measured" if pids else "server CPU not measured"
     amount = f"{args.requests} requests" if args.requests else f"{args.duration:g} s"
     print(f"\npipeline through {url}, model {model}, {amount} per level ({what})")
