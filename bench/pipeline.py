@@ -20,13 +20,15 @@ service's ChatStream directly over gRPC, and against the four gRPC hops made dir
     python bench/pipeline.py [--levels 1,8,64] [--duration 5 | --requests N] [--warmup 1]
                              [--loadgen auto|wrk|hey|httpx|raw] [--services trivial|real]
                              [--same-question] [--no-stream] [--gateway URL [--chat HOST:PORT]]
-                             [--trace] [--metrics] [--repeat N]
+                             [--trace] [--metrics] [--repeat N] [--transport unix|tcp]
 
 Each question is distinct unless ``--same-question``, so the gateway's caches miss (the worst
 case); with it they hit after the first request. ``--gateway URL`` drives a running gateway
 and measures only the process listening on its port (if it is on this machine). ``--trace``
 turns tracing on in every process (spans exported over OTLP/gRPC to a receiver in the bench's
 own process, as to a collector); ``--metrics`` gives every service a metrics port.
+The gateway calls the services over their Unix sockets, as ``opea-grpc up`` has it
+(``--transport tcp``: over loopback TCP, as between machines or containers).
 ``--repeat N`` measures each level N times in a row and judges the targets on the medians: on
 a shared two-core machine the CPU per request drifts by tens of percent over minutes, every
 process alike, so one short run says little.
@@ -103,6 +105,8 @@ class Child:
     stderr: Path
     target: str = ""
     url: str = ""
+    #: Where the gateway calls it: its Unix socket (``--transport unix``), else ``target``.
+    route: str = ""
 
     def output(self) -> str:
         return self.stderr.read_text(errors="replace")[-3000:]
@@ -172,10 +176,15 @@ async def pipeline(args: argparse.Namespace) -> AsyncIterator[list[Child]]:
                 if args.embedding_backend:
                     env["OPEA_EMBEDDING_BACKEND"] = args.embedding_backend
             argv = ["-m", "opea_grpc", "serve", spec, "--host", "127.0.0.1", "--port", "0"]
-            own = dict(env, OPEA_METRICS_PORT=str(free_port())) if args.metrics else env
+            own = dict(env, OPEA_METRICS_PORT=str(free_port())) if args.metrics else dict(env)
+            socket = str(Path(data.name) / f"{name}.sock")
+            if args.transport == "unix":  # as opea-grpc up runs them
+                own["OPEA_UNIX_SOCKET"] = socket
             children.append(spawn(name, argv, own, Path(data.name)))
+            children[-1].route = f"unix:{socket}" if args.transport == "unix" else ""
         for child in children:
             await announced(child, [GRPC_LISTENING], args.start_timeout)
+            child.route = child.route or child.target
             channel = connect(child.target, [])
             try:
                 await wait_for_serving(channel, timeout=args.start_timeout)
@@ -183,11 +192,12 @@ async def pipeline(args: argparse.Namespace) -> AsyncIterator[list[Child]]:
                 await channel.close(None)
         gateway_env = dict(env, OPEA_GATEWAY_REST_PORT="0")
         for child in children:
-            gateway_env[f"OPEA_GATEWAY_{child.name.upper()}"] = child.target
+            gateway_env[f"OPEA_GATEWAY_{child.name.upper()}"] = child.route
         argv = [*shlex.split(args.gateway_argv), "--host", "127.0.0.1", "--port", "0"]
         gateway = spawn("gateway", argv, gateway_env, Path(data.name))
         children.append(gateway)
         await announced(gateway, [GRPC_LISTENING, REST_LISTENING], args.start_timeout)
+        gateway.route = gateway.target
         await ready(gateway.url, args.start_timeout)
         yield children
         if sink is not None:
@@ -806,7 +816,8 @@ async def run(args: argparse.Namespace, url: str, pids: Mapping[str, int],
                 rows.append(await measure(args, url, model, pids, level, stream, n))
     what = f"{len(pids)} processes measured" if pids else "server CPU not measured"
     amount = f"{args.requests} requests" if args.requests else f"{args.duration:g} s"
-    print(f"\npipeline through {url}, model {model}, {amount} per level ({what})")
+    hops = "" if args.gateway else f", the services reached over {args.transport}"
+    print(f"\npipeline through {url}, model {model}, {amount} per level ({what}{hops})")
     print(f"questions: {'one, repeated' if args.same_question else 'distinct per request'}")
     print_rows(rows, list(pids) if pids else ["gateway"])
 
@@ -964,8 +975,8 @@ async def main_async(args: argparse.Namespace) -> None:
         if args.services == "real":
             await ingest(gateway.url)
         pids = {c.name: c.proc.pid for c in children}
-        targets = {c.name: c.target for c in children if c.name != "gateway"}
-        print("started: " + ", ".join(f"{c.name} {c.target}" for c in children)
+        targets = {c.name: c.route for c in children if c.name != "gateway"}
+        print("started: " + ", ".join(f"{c.name} {c.route}" for c in children)
               + f"; REST {gateway.url}")  # fmt: skip
         await run(args, gateway.url, pids, targets)
 
@@ -990,6 +1001,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="auto: httpx at 1, then wrk (else hey) unary and the raw asyncio client streamed",
     )
     parser.add_argument("--services", choices=("trivial", "real"), default="trivial")
+    parser.add_argument(
+        "--transport",
+        choices=("unix", "tcp"),
+        default="unix",
+        help="how the gateway reaches the services: their Unix sockets, as opea-grpc up runs"
+        " them (default), or loopback TCP",
+    )
     parser.add_argument("--embedding-backend", help="with --services real (e.g. hashing)")
     parser.add_argument("--same-question", action="store_true", help="let the caches hit")
     parser.add_argument("--no-stream", action="store_true", help="skip the streamed levels")

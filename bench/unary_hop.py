@@ -9,6 +9,8 @@ Rows:
 - ``bare, gRPC defaults``: ``grpc.aio.server()`` with ``GRPC_EXPERIMENTS`` empty.
 - ``bare``: the same with ``GRPC_EXPERIMENTS`` as :mod:`opea_grpc.entry` sets it.
 - ``microservice``: :class:`~opea_grpc.server.MicroService`, as the command runs it.
+- ``microservice, unix``: the same, called over its Unix socket (``OPEA_UNIX_SOCKET``), as the
+  gateway calls the services under ``opea-grpc up``.
 
     python bench/unary_hop.py [--calls 20000] [--concurrency 16] [--rounds 3]
 """
@@ -38,6 +40,7 @@ ROWS = {
     "bare, gRPC defaults": ("bare", ""),
     "bare": ("bare", entry.EXPERIMENTS),
     "microservice": ("microservice", entry.EXPERIMENTS),
+    "microservice, unix": ("unix", entry.EXPERIMENTS),
 }
 
 
@@ -64,16 +67,22 @@ async def serve(kind: str) -> None:
         rerank_pb2_grpc.add_RerankServiceServicer_to_server(Trivial(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        print(port, flush=True)
+        print(f"127.0.0.1:{port}", flush=True)
         await server.wait_for_termination()
-    else:
-        service = MicroService("bench", config=ServerConfig(host="127.0.0.1", port=0))
+    else:  # the client calls the Unix socket when there is one, the port otherwise
+        socket = f"/tmp/opea-grpc-hop-{os.getpid()}.sock" if kind == "unix" else ""
+        config = ServerConfig(host="127.0.0.1", port=0, unix_socket=socket)
+        service = MicroService("bench", config=config)
         service.add_service(rerank_pb2_grpc.add_RerankServiceServicer_to_server, Trivial())
-        print(await service.start(), flush=True)
-        await service.wait_for_termination()
+        port = await service.start()
+        print(f"unix:{socket}" if socket else f"127.0.0.1:{port}", flush=True)
+        try:
+            await service.wait_for_termination()
+        finally:
+            await service.stop(0)
 
 
-async def drive(port: int, calls: int, concurrency: int) -> list[float]:
+async def drive(target: str, calls: int, concurrency: int) -> list[float]:
     import grpc
 
     from opea_grpc.pb.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
@@ -82,7 +91,7 @@ async def drive(port: int, calls: int, concurrency: int) -> list[float]:
         query="q", documents=[common_pb2.Document(id="1", text="one")]
     )
     latencies: list[float] = []
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    async with grpc.aio.insecure_channel(target) as channel:
         stub = rerank_pb2_grpc.RerankServiceStub(channel)
         remaining = calls
 
@@ -111,15 +120,15 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(main)  # pragma: no cover
 
 
-def client(port: int, calls: int, concurrency: int, server_pid: int) -> None:
+def client(target: str, calls: int, concurrency: int, server_pid: int) -> None:
     """The client process: warm up, then drive ``calls`` and print the figures as JSON."""
     import psutil
 
     server = psutil.Process(server_pid)
     me = psutil.Process()
-    run_loop(drive(port, calls // 10, concurrency))
+    run_loop(drive(target, calls // 10, concurrency))
     s0, c0, wall0 = server.cpu_times(), me.cpu_times(), time.perf_counter()
-    latencies = run_loop(drive(port, calls, concurrency))
+    latencies = run_loop(drive(target, calls, concurrency))
     wall = time.perf_counter() - wall0
     s1, c1 = server.cpu_times(), me.cpu_times()
     q = statistics.quantiles(latencies, n=100)
@@ -140,20 +149,22 @@ def measure(row: str, calls: int, concurrency: int) -> dict[str, float]:
     server = subprocess.Popen([*me, "--serve", kind], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert server.stdout is not None
-        port = server.stdout.readline().strip()
-        argv = [*me, "--drive", port, str(calls), str(concurrency), str(server.pid)]
+        target = server.stdout.readline().strip()
+        argv = [*me, "--drive", target, str(calls), str(concurrency), str(server.pid)]
         out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout
     finally:
         server.terminate()
         server.wait()
+    if target.startswith("unix:"):  # a terminated server leaves its socket's file
+        Path(target.removeprefix("unix:")).unlink(missing_ok=True)
     figures: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--serve", choices=("bare", "microservice"), help=argparse.SUPPRESS)
-    parser.add_argument("--drive", nargs=4, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=("bare", "microservice", "unix"), help=argparse.SUPPRESS)
+    parser.add_argument("--drive", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
@@ -162,7 +173,8 @@ def main() -> None:
         run_loop(serve(args.serve))
         return
     if args.drive:
-        client(*args.drive)
+        target, calls, concurrency, pid = args.drive
+        client(target, int(calls), int(concurrency), int(pid))
         return
     results: dict[str, list[dict[str, float]]] = {row: [] for row in ROWS}
     for _ in range(args.rounds):
@@ -188,6 +200,12 @@ def main() -> None:
     print(
         f"MicroService CPU per call against bare grpc.aio: "
         f"{ms['server_us'] / tuned['server_us'] - 1:+.1%} (medians of rounds)"
+    )
+    unix = medians["microservice, unix"]
+    print(
+        f"MicroService over its Unix socket against loopback TCP: server CPU per call "
+        f"{unix['server_us'] / ms['server_us'] - 1:+.1%}, client "
+        f"{unix['client_us'] / ms['client_us'] - 1:+.1%}"
     )
 
 

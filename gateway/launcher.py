@@ -23,9 +23,11 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
@@ -83,6 +85,9 @@ class Options:
     collection: str | None = None
     ready_timeout: float = 180.0
     stop_timeout: float = 15.0
+    #: The gateway reaches the services over Unix sockets (each service also keeps its TCP
+    #: port): same machine, less CPU per call. Not with TLS, which names hosts.
+    unix_sockets: bool = True
 
     def __post_init__(self) -> None:
         if not self.free_ports:
@@ -271,6 +276,8 @@ class _Launch:
         self.death = asyncio.Event()
         #: What start-up still waits for: name -> what.
         self.waiting: dict[str, str] = {}
+        #: The folder of the services' Unix sockets, if they have some.
+        self.run_dir: str | None = None
         self._watchers: list[asyncio.Task[None]] = []
 
     async def spawn(self, name: str, env: Mapping[str, str], *patterns: re.Pattern[str]) -> Child:
@@ -315,12 +322,21 @@ class _Launch:
             f"not ready after {timeout:g} s (a longer --timeout gives it more time)\n{late}"
         )
 
+    def sockets(self) -> dict[str, str]:
+        """Each service's Unix socket, in a fresh private folder (none: TCP only)."""
+        if not self.options.unix_sockets or self.env.get("OPEA_TLS_CERT"):
+            return {}
+        self.run_dir = tempfile.mkdtemp(prefix="opea-grpc-")
+        return {name: os.path.join(self.run_dir, f"{name}.sock") for name in SERVICES}
+
     async def start(self) -> dict[str, int]:
         """Start everything; the port of each process (and ``rest``) once all are ready."""
         services = {name: _announcement(name) for name in SERVICES}
         env = {**self.env, "OPEA_RETRIEVAL_DATA_DIR": str(self.options.data_dir)}
+        sockets = self.sockets()
         for name, pattern in services.items():
-            await self.spawn(name, env, pattern)
+            own = {**env, "OPEA_UNIX_SOCKET": sockets[name]} if sockets else env
+            await self.spawn(name, own, pattern)
         ready = [
             asyncio.ensure_future(self._ready(self.children[n], p)) for n, p in services.items()
         ]
@@ -332,7 +348,8 @@ class _Launch:
             await asyncio.gather(*ready, return_exceptions=True)
         gateway_env = {**self.env, "OPEA_GATEWAY_REST_PORT": str(self._rest_port())}
         for name in SERVICES:
-            gateway_env[f"OPEA_GATEWAY_{name.upper()}"] = _address(self.host, ports[name])
+            target = f"unix:{sockets[name]}" if sockets else _address(self.host, ports[name])
+            gateway_env[f"OPEA_GATEWAY_{name.upper()}"] = target
         pattern = _announcement("gateway")
         gateway = await self.spawn("gateway", gateway_env, pattern, _REST)
         ports["gateway"] = await self._ready(gateway, pattern)
@@ -484,6 +501,8 @@ async def up(
         return 1
     finally:
         await launch.stop_all()
+        if launch.run_dir is not None:
+            shutil.rmtree(launch.run_dir, ignore_errors=True)
     return 0
 
 

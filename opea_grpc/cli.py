@@ -153,6 +153,7 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     flags = {"host": args.host, "port": args.port, "grace": args.grace}
+    flags["unix_socket"] = args.unix_socket
     if args.service not in BUILTIN_SERVICES and ":" not in args.service:
         raise UsageError(
             f"unknown service {args.service!r} (built-in: {', '.join(BUILTIN_SERVICES)}); "
@@ -303,6 +304,7 @@ def cmd_up(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         data_dir=launcher.data_dir(args.data_dir, env), docs=tuple(map(Path, args.docs or ())),
         host=args.host, rest_port=args.rest_port, base_port=args.base_port,
         free_ports=args.free_ports, collection=args.collection, ready_timeout=args.timeout,
+        unix_sockets=not args.tcp_only,
     )  # fmt: skip
 
     async def run() -> int:
@@ -328,6 +330,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (OPEA_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind, 0 for any (OPEA_PORT)")
     serve.add_argument("--grace", type=float, help="seconds to drain calls on stop (OPEA_GRACE)")
+    serve.add_argument(
+        "--unix-socket", metavar="PATH",
+        help="also listen on this Unix socket, for callers on this machine (OPEA_UNIX_SOCKET)",
+    )  # fmt: skip
     serve.add_argument("--backend", help="backend of a built-in service (OPEA_<NAME>_BACKEND)")
     serve.set_defaults(run=cmd_serve)
 
@@ -409,6 +415,10 @@ def _parser() -> argparse.ArgumentParser:
         "(default 50050)",
     )  # fmt: skip
     up.add_argument("--free-ports", action="store_true", help="let the system pick every port")
+    up.add_argument(
+        "--tcp-only", action="store_true",
+        help="the gateway calls the services over loopback TCP, not their Unix sockets",
+    )  # fmt: skip
     up.add_argument(
         "--data-dir", metavar="DIR",
         help="keep the retrieval index in DIR/retrieval (default: OPEA_RETRIEVAL_DATA_DIR, else "

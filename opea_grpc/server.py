@@ -13,9 +13,11 @@ call when the process has it on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -249,7 +251,9 @@ class MicroService:
             self.service_role.value,
             self.service_type.value,
             ", ".join(self.services),
-            self.config.address.rsplit(":", 1)[0] + f":{port}",
+            self.config.address.rsplit(":", 1)[0]
+            + f":{port}"
+            + (f" and unix:{self.config.unix_socket}" if self.config.unix_socket else ""),
         )
         return port
 
@@ -274,12 +278,17 @@ class MicroService:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         enable_reflection(server, [*self.services, HEALTH_SERVICE])
         credentials = server_credentials(cfg)
-        try:
-            if credentials is not None:
-                return server, server.add_secure_port(cfg.address, credentials)
-            return server, server.add_insecure_port(cfg.address)
-        except RuntimeError:
-            raise OSError(f"{self.name}: cannot listen on {cfg.address} (in use?)") from None
+        addresses = [cfg.address, *([f"unix:{cfg.unix_socket}"] if cfg.unix_socket else [])]
+        ports = []
+        for address in addresses:
+            try:
+                if credentials is not None:
+                    ports.append(server.add_secure_port(address, credentials))
+                else:
+                    ports.append(server.add_insecure_port(address))
+            except RuntimeError:
+                raise OSError(f"{self.name}: cannot listen on {address} (in use?)") from None
+        return server, ports[0]
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving: NOT_SERVING first, then drain in-flight calls for ``grace`` seconds."""
@@ -296,6 +305,9 @@ class MicroService:
         self._health.close()
         await server.stop(self.config.grace if grace is None else grace)
         self._server = None
+        if self.config.unix_socket:  # gRPC leaves the socket's file behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.unix_socket)
         self._close_exposition()
         await self._run_stop_hooks()
         log.info("%s stopped", self.name)

@@ -103,9 +103,9 @@ def conditions_of(filter_: common_pb2.Filter, field: str = "filter") -> list[Con
 def vector_of(values: Sequence[float], where: str) -> Vector:
     """A finite, non-zero float32 vector; ``where`` names the field in errors."""
     vector = np.asarray(values, dtype=np.float32)
-    if not np.all(np.isfinite(vector)):
+    if not np.isfinite(vector).all():  # the methods: half the cost of np.all() / np.any()
         raise _invalid(f"{where} contains NaN or infinity: send finite numbers")
-    if not np.any(vector):
+    if not vector.any():
         raise _invalid(f"{where} is all zeros: a zero vector has no direction to compare")
     return vector
 
@@ -232,6 +232,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
 
 def _scored(hit: Hit) -> common_pb2.ScoredDocument:
-    doc = common_pb2.Document(id=hit.id, text=hit.text)
+    scored = common_pb2.ScoredDocument(score=hit.score)
+    doc = scored.document  # filled in place: no copy of the document
+    doc.id, doc.text = hit.id, hit.text
     dict_to_struct(hit.metadata, doc.metadata)
-    return common_pb2.ScoredDocument(document=doc, score=hit.score)
+    return scored

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -12,11 +14,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from opea_grpc import Context
-from opea_grpc.config import ServerConfig
+from opea_grpc.channel import connect
+from opea_grpc.client import RerankClient
+from opea_grpc.config import ConfigError, ServerConfig
 from opea_grpc.errors import ServiceError
 from opea_grpc.pb.v1 import chat_pb2, chat_pb2_grpc, common_pb2, rerank_pb2, rerank_pb2_grpc
 from opea_grpc.server import MicroService, ServiceRole, ServiceType
-from opea_grpc.testing import serve
+from opea_grpc.testing import serve, wait_for_serving
 from tests.replica import IdentityReranker
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -84,6 +88,35 @@ async def test_start_binds_ephemeral_port_and_health_serves() -> None:
             assert reply.model == "a"
     finally:
         await service.stop(0)
+
+
+async def test_unix_socket_serves_beside_the_port_and_goes_with_the_server(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "rerank.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # a socket file left by a killed server
+        stale.bind(str(path))
+    config = dataclasses.replace(LOOPBACK, unix_socket=str(path))
+    service = MicroService("r", service_type=ServiceType.RERANK, config=config)
+    service.add_service(rerank_pb2_grpc.add_RerankServiceServicer_to_server, IdentityReranker("u"))
+    port = await service.start()
+    try:
+        for target in (f"unix:{path}", f"127.0.0.1:{port}"):
+            channel = connect(target, [RERANK])  # as the gateway makes them: health-checked
+            try:
+                await wait_for_serving(channel, RERANK)
+                reply = await RerankClient(channel).rerank(rerank_request(), timeout=5)
+                assert reply.model == "u"
+            finally:
+                await channel.close(None)
+    finally:
+        await service.stop(0)
+    assert not path.exists()
+
+
+def test_unix_socket_path_too_long_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="OPEA_UNIX_SOCKET"):
+        ServerConfig(unix_socket="/tmp/" + "s" * 120)
 
 
 async def test_port_in_use_is_a_clear_error() -> None:
