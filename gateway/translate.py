@@ -24,6 +24,7 @@ from opea_grpc.pb.v1 import (
     embedding_pb2,
     rerank_pb2,
 )
+from opea_grpc.structs import struct_to_dict
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -156,38 +157,13 @@ def usage(u: common_pb2.Usage) -> dict[str, int]:
     }
 
 
-def _json_value(value: struct_pb2.Value) -> Any:
-    """One protobuf ``Value`` as plain JSON; a whole number comes back as an int (protobuf
-    stores every number as a double, so 3 was sent and 3.0 is stored)."""
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() and abs(number) < 2**53 else number
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return struct_dict(value.struct_value)
-    if kind == "list_value":
-        return [_json_value(v) for v in value.list_value.values]
-    return None
-
-
-def struct_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A ``Struct`` (document metadata) as a dict, as the client sent it. (A third of the cost
-    of ``json_format.MessageToDict``, which it matches: this runs for every source of every
-    answer.)"""
-    return {key: _json_value(value) for key, value in struct.fields.items()}
-
-
 def sources(found: Iterable[common_pb2.ScoredDocument]) -> list[dict[str, Any]]:
     return [
         {
             "id": hit.document.id,
             "text": hit.document.text,
             "score": hit.score,
-            "metadata": struct_dict(hit.document.metadata),
+            "metadata": struct_to_dict(hit.document.metadata),
         }
         for hit in found
     ]

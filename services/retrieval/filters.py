@@ -34,9 +34,8 @@ from typing import TypeAlias
 import grpc
 
 from opea_grpc.errors import ServiceError
+from opea_grpc.structs import JSON as JSON  # re-exported: the backends take it from here
 
-#: A JSON value as metadata holds it (what ``json.loads`` returns).
-JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
 #: A value a condition compares with.
 Scalar: TypeAlias = bool | int | float | str
 

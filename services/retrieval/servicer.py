@@ -7,18 +7,17 @@ says what to send instead; the business (ranking, storage) is the backend's.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
-from google.protobuf import struct_pb2
 
 from opea_grpc.errors import ServiceError
 from opea_grpc.pb.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from opea_grpc.server import Context
+from opea_grpc.structs import dict_to_struct, struct_to_dict, value_to_json
 from services.retrieval.backend import (
-    JSON,
     Backend,
     Condition,
     Hit,
@@ -35,41 +34,10 @@ if TYPE_CHECKING:
 #: Longest collection name accepted.
 MAX_NAME = 256
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
-_MAX_SAFE_INT = 2**53
 
 
 def _invalid(message: str) -> ServiceError:
     return ServiceError(_INVALID, message)
-
-
-# -- protobuf <-> JSON values ----------------------------------------------------------------
-
-
-def value_to_json(value: struct_pb2.Value) -> JSON:
-    """A ``google.protobuf.Value`` as a JSON value; integral numbers become ints."""
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        if number.is_integer() and abs(number) < _MAX_SAFE_INT:
-            return int(number)
-        return number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return struct_to_dict(value.struct_value)
-    if kind == "list_value":
-        return [value_to_json(v) for v in value.list_value.values]
-    return None
-
-
-def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, JSON]:
-    return {key: value_to_json(v) for key, v in struct.fields.items()}
-
-
-def dict_to_struct(metadata: Mapping[str, JSON], out: struct_pb2.Struct) -> None:
-    out.update(metadata)
 
 
 # -- requests ---------------------------------------------------------------------------------

@@ -31,11 +31,11 @@ from opea_grpc.client import ModelClient, RetrievalClient
 from opea_grpc.config import ClientConfig, ServerConfig
 from opea_grpc.pb.v1 import common_pb2, retrieval_pb2
 from opea_grpc.server import MicroService
+from opea_grpc.structs import struct_to_dict
 from opea_grpc.testing import wait_for_serving
 from services.retrieval.backend import JSON
 from services.retrieval.filters import Condition, Op, matches
 from services.retrieval.service import Settings, build
-from services.retrieval.servicer import struct_to_dict
 
 BACKENDS = ["local"]
 SERVICE = RetrievalClient.SERVICE
