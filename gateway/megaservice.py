@@ -17,6 +17,7 @@ import grpc
 from gateway.settings import Settings
 from opea_grpc.cache import MemoryCache, RedisCache
 from opea_grpc.client import ChatClient, EmbeddingClient, RerankClient, RetrievalClient
+from opea_grpc.coalescing import EmbedCoalescer
 from opea_grpc.errors import ServiceError
 from opea_grpc.node import REQUEST, Node, NodeStatus, NodeTiming
 from opea_grpc.orchestrator import ServiceOrchestrator
@@ -146,6 +147,8 @@ class ChatQnA:
         self.downstreams = downstreams
         self.embed_cache = _cache(settings, "embed")
         self.search_cache = _cache(settings, "retrieve")
+        #: Query embeddings asked for together share one call.
+        self.embed = EmbedCoalescer(downstreams.embedding.embed, max_inputs=settings.embed_batch)
         self._graphs = {
             (True, True): self._graph(retrieval=True, rerank=True),
             (True, False): self._graph(retrieval=True, rerank=False),
@@ -166,7 +169,7 @@ class ChatQnA:
             return graph
         embed = Node(
             "embed",
-            d.embedding.embed,
+            self.embed,
             timeout=s.embed_timeout,
             prepare=_embed,
             cache=self.embed_cache,

@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from gateway.translate import STATUS
 from opea_grpc.breaker import Breaker
 from opea_grpc.cache import MemoryCache, RedisCache
+from opea_grpc.coalescing import EmbedCoalescer
 from opea_grpc.node import NodeTiming
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -69,11 +70,37 @@ class _Breakers(Collector):
         yield rejected
 
 
+class _Coalescers(Collector):
+    """Calls made for requests that could share one, and those requests, read when scraped."""
+
+    def __init__(self, coalescers: Mapping[str, EmbedCoalescer]) -> None:
+        self._coalescers = coalescers
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "opea_gateway_coalesced_calls",
+            "Calls a node made for requests that could share one (their mean batch is"
+            " requests / calls)",
+            labels=["node"],
+        )
+        requests = CounterMetricFamily(
+            "opea_gateway_coalesced_requests",
+            "Requests served by those calls",
+            labels=["node"],
+        )
+        for node, coalescer in self._coalescers.items():
+            calls.add_metric([node], coalescer.calls)
+            requests.add_metric([node], coalescer.requests)
+        yield calls
+        yield requests
+
+
 class Metrics:
     def __init__(
         self,
         caches: dict[str, MemoryCache | RedisCache | None],
         breakers: Mapping[str, Breaker] | None = None,
+        coalescers: Mapping[str, EmbedCoalescer] | None = None,
     ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
@@ -107,6 +134,7 @@ class Metrics:
         )
         registry.register(_Caches(caches))
         registry.register(_Breakers(breakers or {}))
+        registry.register(_Coalescers(coalescers or {}))
         #: Paths labelled by name; any other path is ``other`` (no label per scanned URL).
         self.routes: set[str] = set()
         # Children by label values, looked up once: labels() costs more than inc().

@@ -58,7 +58,9 @@ def build(
     mesh = Mesh(settings, client)
     pipeline = ChatQnA(settings, mesh.clients)
     metrics = Metrics(
-        {"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache}, mesh.breakers
+        {"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache},
+        mesh.breakers,
+        {"embed": pipeline.embed},
     )
     pipeline.observe(metrics.record_node)
     gateway = Gateway(mesh, pipeline, Knowledge(pipeline), metrics)

@@ -41,6 +41,11 @@ def set_at(when: float) -> None:
     _deadline.set(when)
 
 
+def clear() -> None:
+    """Forget the deadline in the current context (work done for several requests at once)."""
+    _deadline.set(None)
+
+
 class scope:  # lower case: used like a function, ``with deadline.scope(5.0):``
     """Run a block under a deadline no later than the one already in force.
 

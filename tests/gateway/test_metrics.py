@@ -108,3 +108,28 @@ async def test_the_grpc_face_is_counted_on_the_same_metrics(
     labels = {"grpc_service": "opea.v1.ChatQnAService", "grpc_method": "Ask"}
     assert value(samples, "grpc_server_handled_total", grpc_code="OK", **labels) == 1
     assert value(samples, "opea_grpc_server_in_flight", **labels) == 0
+
+
+async def test_query_embeddings_are_counted_by_the_calls_that_served_them(
+    scripted_stack: tuple[Stack, ScriptedChat],
+) -> None:
+    stack, _ = scripted_stack
+    questions = [f"Which port is it, take {i}?" for i in range(6)]
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+        before = await scrape(http)
+        replies = await asyncio.gather(
+            *(
+                http.post(ROUTE, json={**ASK, "messages": [{"role": "user", "content": q}]})
+                for q in questions
+            )
+        )
+        assert [r.status_code for r in replies] == [200] * len(questions)
+        after = await scrape(http)
+    requests = value(after, "opea_gateway_coalesced_requests_total", node="embed") - value(
+        before, "opea_gateway_coalesced_requests_total", node="embed"
+    )
+    calls = value(after, "opea_gateway_coalesced_calls_total", node="embed") - value(
+        before, "opea_gateway_coalesced_calls_total", node="embed"
+    )
+    assert requests == len(questions)  # each question's embedding, none from the cache
+    assert 1 <= calls <= requests
