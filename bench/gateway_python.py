@@ -81,17 +81,30 @@ def replies() -> dict[str, Any]:
 
 
 class Stub:
-    """A stub whose every method answers its fixed reply after one trip through the loop."""
+    """A stub whose every method answers its fixed reply after one trip through the loop (one
+    vector per text, one result per search of a batch)."""
 
     def __init__(self, answers: dict[str, Any]) -> None:
         self._answers = answers
 
     def __getattr__(self, method: str) -> Callable[..., Awaitable[Any]]:
-        reply = self._answers[method]
+        answers = self._answers
 
-        async def call(request: object, *, timeout: float, metadata: object = None) -> Any:
+        async def call(request: Any, *, timeout: float, metadata: object = None) -> Any:
             await asyncio.sleep(0)
-            return reply
+            if method == "SearchBatch":
+                found = retrieval_pb2.SearchBatchResult(response=answers["Search"])
+                return retrieval_pb2.SearchBatchResponse(results=[found] * len(request.requests))
+            if method == "RerankBatch":
+                ranked = rerank_pb2.RerankBatchResult(response=answers["Rerank"])
+                return rerank_pb2.RerankBatchResponse(results=[ranked] * len(request.requests))
+            if method == "Embed" and len(request.input) > 1:
+                reply = embedding_pb2.EmbedResponse(model=answers["Embed"].model)
+                vector = answers["Embed"].data[0].embedding
+                for i in range(len(request.input)):
+                    reply.data.add(index=i).embedding.extend(vector)
+                return reply
+            return answers[method]
 
         return call
 

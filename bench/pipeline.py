@@ -58,6 +58,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
@@ -820,6 +821,10 @@ async def run(args: argparse.Namespace, url: str, pids: Mapping[str, int],
     print(f"\npipeline through {url}, model {model}, {amount} per level ({what}{hops})")
     print(f"questions: {'one, repeated' if args.same_question else 'distinct per request'}")
     print_rows(rows, list(pids) if pids else ["gateway"])
+    merged = await batches(url)
+    if merged:
+        print("requests per downstream call, whole run (OPEA_GATEWAY_COALESCE): "
+              + ", ".join(f"{node} {mean:.2f}" for node, mean in merged.items()))  # fmt: skip
 
     ttft = await first_tokens(args, url, model, rows, targets)
     print("\ntime to first token at concurrency 1, ms (p50 / p99):")
@@ -831,6 +836,22 @@ async def run(args: argparse.Namespace, url: str, pids: Mapping[str, int],
         verdicts(args, rows, ttft)
     else:
         print("\n(the targets are for the trivial services: not checked with real ones)")
+
+
+async def batches(url: str) -> dict[str, float]:
+    """Mean requests per call of each coalescing node, from the gateway's /metrics."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        answer = await http.get(f"{url}/metrics")
+    if answer.status_code != 200:
+        return {}
+    counts: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(answer.text):
+        for sample in family.samples:
+            if sample.name in ("opea_gateway_coalesced_calls_total",
+                               "opea_gateway_coalesced_requests_total"):  # fmt: skip
+                kind = "calls" if "calls" in sample.name else "requests"
+                counts.setdefault(sample.labels["node"], {})[kind] = sample.value
+    return {node: c["requests"] / c["calls"] for node, c in counts.items() if c.get("calls")}
 
 
 GATEWAY_HTTPX = "through the gateway, httpx client"

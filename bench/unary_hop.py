@@ -48,6 +48,7 @@ async def serve(kind: str) -> None:
     import grpc
 
     from opea_grpc import Context
+    from opea_grpc.batch import RerankBatching
     from opea_grpc.config import ServerConfig
     from opea_grpc.pb.v1 import rerank_pb2, rerank_pb2_grpc
     from opea_grpc.server import MicroService
@@ -56,7 +57,7 @@ async def serve(kind: str) -> None:
         model="bench", results=[rerank_pb2.RerankResult(index=0, relevance_score=1.0)]
     )
 
-    class Trivial(rerank_pb2_grpc.RerankServiceServicer):
+    class Trivial(RerankBatching, rerank_pb2_grpc.RerankServiceServicer):
         async def Rerank(
             self, request: rerank_pb2.RerankRequest, context: Context
         ) -> rerank_pb2.RerankResponse:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.settings import Settings
+from opea_grpc import coalescing
 from opea_grpc.cache import MemoryCache, RedisCache
 from opea_grpc.client import ChatClient, EmbeddingClient, RerankClient, RetrievalClient
-from opea_grpc.coalescing import EmbedCoalescer
+from opea_grpc.coalescing import Coalescer
 from opea_grpc.errors import ServiceError
 from opea_grpc.node import REQUEST, Node, NodeStatus, NodeTiming
 from opea_grpc.orchestrator import ServiceOrchestrator
@@ -147,8 +148,15 @@ class ChatQnA:
         self.downstreams = downstreams
         self.embed_cache = _cache(settings, "embed")
         self.search_cache = _cache(settings, "retrieve")
-        #: Query embeddings asked for together share one call.
-        self.embed = EmbedCoalescer(downstreams.embedding.embed, max_inputs=settings.embed_batch)
+        #: Query embeddings, searches and rerankings asked for together share one call each.
+        most = settings.coalesce
+        self.embed = Coalescer(coalescing.embedding(downstreams.embedding), max_batch=most)
+        self.search = Coalescer(coalescing.retrieval(downstreams.retrieval), max_batch=most)
+        self.rerank = (
+            Coalescer(coalescing.rerank(downstreams.rerank), max_batch=most)
+            if downstreams.rerank is not None
+            else None
+        )
         self._graphs = {
             (True, True): self._graph(retrieval=True, rerank=True),
             (True, False): self._graph(retrieval=True, rerank=False),
@@ -170,23 +178,27 @@ class ChatQnA:
         embed = Node(
             "embed",
             self.embed,
+            input_type=embedding_pb2.EmbedRequest,
+            output_type=embedding_pb2.EmbedResponse,
             timeout=s.embed_timeout,
             prepare=_embed,
             cache=self.embed_cache,
         )
         retrieve = Node(
             "retrieve",
-            d.retrieval.search,
+            self.search,
+            input_type=retrieval_pb2.SearchRequest,
+            output_type=retrieval_pb2.SearchResponse,
             timeout=s.retrieve_timeout,
             prepare=_search,
             absorb=_found,
             cache=self.search_cache,
         )
         graph.add(embed).add(retrieve).flow_to("embed", "retrieve")
-        if rerank and d.rerank is not None:
+        if rerank and self.rerank is not None:
             rank = Node(
                 "rerank",
-                _Rerank(d.rerank),
+                _Rerank(self.rerank),
                 timeout=s.rerank_timeout,
                 optional=s.rerank_optional,
                 prepare=_rerank,
@@ -258,17 +270,19 @@ class ChatQnA:
 class _Rerank:
     """Rerank, except that nothing to rank needs no call."""
 
-    deadline_bound = True  # the client's gRPC deadline bounds the call
+    deadline_bound = True  # the coalescer keeps each request's deadline
 
-    def __init__(self, client: RerankClient) -> None:
-        self._client = client
+    def __init__(
+        self, rerank: Coalescer[rerank_pb2.RerankRequest, rerank_pb2.RerankResponse]
+    ) -> None:
+        self._rerank = rerank
 
     async def __call__(
         self, request: rerank_pb2.RerankRequest, *, timeout: float
     ) -> rerank_pb2.RerankResponse:
         if not request.documents:
             return rerank_pb2.RerankResponse()
-        return await self._client.rerank(request, timeout=timeout)
+        return await self._rerank(request, timeout=timeout)
 
 
 def node_reports(timings: tuple[NodeTiming, ...]) -> list[chatqna_pb2.NodeReport]:

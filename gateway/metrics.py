@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 from gateway.translate import STATUS
 from opea_grpc.breaker import Breaker
 from opea_grpc.cache import MemoryCache, RedisCache
-from opea_grpc.coalescing import EmbedCoalescer
+from opea_grpc.coalescing import Coalescer
 from opea_grpc.node import NodeTiming
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -73,13 +73,13 @@ class _Breakers(Collector):
 class _Coalescers(Collector):
     """Calls made for requests that could share one, and those requests, read when scraped."""
 
-    def __init__(self, coalescers: Mapping[str, EmbedCoalescer]) -> None:
+    def __init__(self, coalescers: Mapping[str, Coalescer[Any, Any]]) -> None:
         self._coalescers = coalescers
 
     def collect(self) -> Iterator[Metric]:
         calls = CounterMetricFamily(
             "opea_gateway_coalesced_calls",
-            "Calls a node made for requests that could share one (their mean batch is"
+            "Calls a node sent for requests that could share one (the mean batch is"
             " requests / calls)",
             labels=["node"],
         )
@@ -100,7 +100,7 @@ class Metrics:
         self,
         caches: dict[str, MemoryCache | RedisCache | None],
         breakers: Mapping[str, Breaker] | None = None,
-        coalescers: Mapping[str, EmbedCoalescer] | None = None,
+        coalescers: Mapping[str, Coalescer[Any, Any]] | None = None,
     ) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(

@@ -60,7 +60,15 @@ def build(
     metrics = Metrics(
         {"embed": pipeline.embed_cache, "retrieve": pipeline.search_cache},
         mesh.breakers,
-        {"embed": pipeline.embed},
+        {
+            name: coalescer
+            for name, coalescer in (
+                ("embed", pipeline.embed),
+                ("retrieve", pipeline.search),
+                ("rerank", pipeline.rerank),
+            )
+            if coalescer is not None
+        },
     )
     pipeline.observe(metrics.record_node)
     gateway = Gateway(mesh, pipeline, Knowledge(pipeline), metrics)

@@ -52,9 +52,10 @@ class Settings:
     #: one cache there (``pip install 'opea-grpc[redis]'``), and a write through any of them
     #: drops the cached searches of all.
     cache_url: str = ""
-    #: Query embeddings asked for at the same moment go to the embedding service as one call
-    #: of at most this many texts (opea_grpc.coalescing); 1: one call per request.
-    embed_batch: int = 32
+    #: What requests ask a service for in the same pass of the event loop goes to it as one
+    #: call of at most this many (query embeddings as one Embed, searches as one SearchBatch,
+    #: rerankings as one RerankBatch: opea_grpc.coalescing); 1: a call per request.
+    coalesce: int = 32
     #: API keys (hashed, with scopes; see gateway.auth); empty: no key needed.
     api_keys_file: str = ""
     #: With API keys: /metrics needs an admin key too.
@@ -90,7 +91,7 @@ class Settings:
         )
         _check(self.cache_size >= 0, "OPEA_GATEWAY_CACHE_SIZE must be >= 0")
         _check(self.cache_ttl >= 0, "OPEA_GATEWAY_CACHE_TTL must be >= 0")
-        _check(self.embed_batch >= 1, "OPEA_GATEWAY_EMBED_BATCH must be >= 1")
+        _check(self.coalesce >= 1, "OPEA_GATEWAY_COALESCE must be >= 1")
         _check(self.rate_rpm >= 0, "OPEA_GATEWAY_RATE_RPM must be >= 0")
         _check(self.rate_tpm >= 0, "OPEA_GATEWAY_RATE_TPM must be >= 0")
         _check(self.max_in_flight >= 0, "OPEA_GATEWAY_MAX_IN_FLIGHT must be >= 0")

@@ -262,6 +262,15 @@ class RetrievalClient(_Client):
     ) -> retrieval_pb2.SearchResponse:
         return await self._unary(self._stub.Search, request, timeout, metadata)
 
+    async def search_batch(
+        self,
+        request: retrieval_pb2.SearchBatchRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> retrieval_pb2.SearchBatchResponse:
+        return await self._unary(self._stub.SearchBatch, request, timeout, metadata)
+
     async def upsert(
         self,
         request: retrieval_pb2.UpsertRequest,
@@ -311,6 +320,15 @@ class RerankClient(_Client):
         metadata: Metadata | None = None,
     ) -> rerank_pb2.RerankResponse:
         return await self._unary(self._stub.Rerank, request, timeout, metadata)
+
+    async def rerank_batch(
+        self,
+        request: rerank_pb2.RerankBatchRequest,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> rerank_pb2.RerankBatchResponse:
+        return await self._unary(self._stub.RerankBatch, request, timeout, metadata)
 
 
 class ChatClient(_Client):

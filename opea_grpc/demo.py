@@ -23,13 +23,15 @@ from opea_grpc import (
     ServiceOrchestrator,
     ServiceType,
 )
+from opea_grpc.batch import RerankBatching
 from opea_grpc.client import RerankClient
 from opea_grpc.pb.v1 import chat_pb2, common_pb2, rerank_pb2, rerank_pb2_grpc, retrieval_pb2
 
 
 # -- a microservice ------------------------------------------------------------------------------
-class OverlapReranker(rerank_pb2_grpc.RerankServiceServicer):
-    """Ranks documents by how many words they share with the query."""
+class OverlapReranker(RerankBatching, rerank_pb2_grpc.RerankServiceServicer):
+    """Ranks documents by how many words they share with the query (``RerankBatch`` too: each
+    request of a batch by ``Rerank``)."""
 
     async def Rerank(
         self, request: rerank_pb2.RerankRequest, context: Context

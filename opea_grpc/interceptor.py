@@ -2,10 +2,12 @@
 
 Per call it records the call's deadline for outbound calls (:mod:`opea_grpc.deadline`), and
 turns exceptions into statuses: :class:`ServiceError` into its own code and message, a downstream
-:class:`grpc.aio.AioRpcError` into the same status, anything else into ``INTERNAL`` (logged here
-once, with its traceback; the caller sees no traceback). When the server keeps metrics
-(:mod:`opea_grpc.metrics`) it also counts and times the call, its status and, for a stream, its
-first and following messages; the in-flight gauge comes down however the call ends.
+:class:`grpc.aio.AioRpcError` into the same status, ``NotImplementedError`` (what a generated
+servicer's methods raise until overridden) into ``UNIMPLEMENTED``, anything else into
+``INTERNAL`` (logged here once, with its traceback; the caller sees no traceback). When the
+server keeps metrics (:mod:`opea_grpc.metrics`) it also counts and times the call, its status
+and, for a stream, its first and following messages; the in-flight gauge comes down however the
+call ends.
 
 It wraps each method handler once, when the service is registered, rather than per call, so
 the hot path pays one extra frame and no handler lookup. A request whose bytes do not parse as
@@ -45,6 +47,8 @@ def _status(
         return exc.code, exc.message, exc.trailing_metadata
     if isinstance(exc, NodeError):  # a pipeline node failed: its status, naming the node
         return exc.code, str(exc), None
+    if isinstance(exc, NotImplementedError):  # a generated servicer's method left as it is
+        return grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by this server", None
     code, message = status_of(exc)  # a downstream's status passed on; a timeout's
     if code is not grpc.StatusCode.INTERNAL or isinstance(exc, grpc.aio.AioRpcError):
         return code, message, None

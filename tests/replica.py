@@ -11,13 +11,14 @@ import os
 import grpc
 
 from opea_grpc import Context
+from opea_grpc.batch import RerankBatching
 from opea_grpc.config import ServerConfig
 from opea_grpc.errors import ServiceError
 from opea_grpc.pb.v1 import rerank_pb2, rerank_pb2_grpc
 from opea_grpc.server import MicroService, ServiceType
 
 
-class IdentityReranker(rerank_pb2_grpc.RerankServiceServicer):
+class IdentityReranker(RerankBatching, rerank_pb2_grpc.RerankServiceServicer):
     """Returns the documents in their order, signed with the replica's name."""
 
     def __init__(self, name: str) -> None:

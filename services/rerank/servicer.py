@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from opea_grpc import Context
+from opea_grpc.batch import answer_each
 from opea_grpc.errors import ServiceError
 from opea_grpc.pb.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
 from services.rerank.backend import Reranker
@@ -51,6 +52,15 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
     async def Rerank(
         self, request: rerank_pb2.RerankRequest, context: Context
     ) -> rerank_pb2.RerankResponse:
+        return await self._rerank(request)
+
+    async def RerankBatch(
+        self, request: rerank_pb2.RerankBatchRequest, context: Context
+    ) -> rerank_pb2.RerankBatchResponse:
+        results = await answer_each(request.requests, self._rerank, rerank_pb2.RerankBatchResult)
+        return rerank_pb2.RerankBatchResponse(results=results)
+
+    async def _rerank(self, request: rerank_pb2.RerankRequest) -> rerank_pb2.RerankResponse:
         self._check(request)
         documents = request.documents
         top_n = min(request.top_n, len(documents)) if request.HasField("top_n") else None

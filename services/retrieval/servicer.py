@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from opea_grpc.batch import answer_each
 from opea_grpc.errors import ServiceError
 from opea_grpc.pb.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from opea_grpc.server import Context
@@ -93,6 +94,15 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def Search(
         self, request: retrieval_pb2.SearchRequest, context: Context
     ) -> retrieval_pb2.SearchResponse:
+        return await self._search(request)
+
+    async def SearchBatch(
+        self, request: retrieval_pb2.SearchBatchRequest, context: Context
+    ) -> retrieval_pb2.SearchBatchResponse:
+        results = await answer_each(request.requests, self._search, retrieval_pb2.SearchBatchResult)
+        return retrieval_pb2.SearchBatchResponse(results=results)
+
+    async def _search(self, request: retrieval_pb2.SearchRequest) -> retrieval_pb2.SearchResponse:
         s = self._settings
         collection = self._collection(request.collection)
         top_k = request.top_k or s.default_top_k

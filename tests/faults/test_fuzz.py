@@ -91,6 +91,12 @@ ASK = chatqna_pb2.AskRequest(
 VALID: dict[str, object] = {
     "Embed": embedding_pb2.EmbedRequest(input=["a passage to embed"]),
     "Search": retrieval_pb2.SearchRequest(collection=FUZZ_COLLECTION, query="gateway", top_k=3),
+    "SearchBatch": retrieval_pb2.SearchBatchRequest(
+        requests=[
+            retrieval_pb2.SearchRequest(collection=FUZZ_COLLECTION, query="gateway", top_k=3),
+            retrieval_pb2.SearchRequest(collection=FUZZ_COLLECTION, query="health"),
+        ]
+    ),
     "Upsert": retrieval_pb2.UpsertRequest(
         collection=FUZZ_COLLECTION,
         documents=[common_pb2.Document(id="u", text="upserted", embedding=[0.05] * 384)],
@@ -99,6 +105,12 @@ VALID: dict[str, object] = {
     "ListCollections": retrieval_pb2.ListCollectionsRequest(),
     "DeleteCollection": retrieval_pb2.DeleteCollectionRequest(name="fuzz-gone"),
     "Rerank": rerank_pb2.RerankRequest(query="deadlines", documents=[PASSAGE, PASSAGE]),
+    "RerankBatch": rerank_pb2.RerankBatchRequest(
+        requests=[
+            rerank_pb2.RerankRequest(query="deadlines", documents=[PASSAGE, PASSAGE]),
+            rerank_pb2.RerankRequest(query="ports", documents=[PASSAGE], top_n=1),
+        ]
+    ),
     "Chat": CHAT,
     "ChatStream": chat_pb2.ChatStreamRequest(request=CHAT),
     "Ask": ASK,

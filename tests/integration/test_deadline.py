@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from opea_grpc import Context
+from opea_grpc.batch import RerankBatching
 from opea_grpc.channel import connect
 from opea_grpc.client import ChatClient
 from opea_grpc.pb.v1 import chat_pb2, chat_pb2_grpc, rerank_pb2, rerank_pb2_grpc
@@ -35,7 +36,7 @@ class Downstream(chat_pb2_grpc.ChatServiceServicer):
         return chat_pb2.ChatResponse(id="downstream")
 
 
-class Upstream(rerank_pb2_grpc.RerankServiceServicer):
+class Upstream(RerankBatching, rerank_pb2_grpc.RerankServiceServicer):
     """A handler that makes a downstream call with a generous timeout of its own."""
 
     def __init__(self, chat: ChatClient) -> None:

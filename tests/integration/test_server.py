@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from opea_grpc import Context
+from opea_grpc.batch import RerankBatching
 from opea_grpc.channel import connect
 from opea_grpc.client import RerankClient
 from opea_grpc.config import ConfigError, ServerConfig
@@ -228,7 +229,7 @@ async def test_stop_drains_in_flight_and_reports_not_serving_first() -> None:
         await asyncio.wait_for(stopping, 10)
 
 
-class Failing(rerank_pb2_grpc.RerankServiceServicer):
+class Failing(RerankBatching, rerank_pb2_grpc.RerankServiceServicer):
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
 
@@ -321,7 +322,7 @@ async def test_add_service_rejects_duplicates_and_late_calls() -> None:
 async def test_start_and_stop_hooks_wrap_serving() -> None:
     events: list[str] = []
 
-    class Recording(rerank_pb2_grpc.RerankServiceServicer):
+    class Recording(RerankBatching, rerank_pb2_grpc.RerankServiceServicer):
         async def Rerank(
             self, request: rerank_pb2.RerankRequest, context: Context
         ) -> rerank_pb2.RerankResponse:

@@ -14,7 +14,10 @@ def test_service_config_balances_checks_health_and_retries() -> None:
     method_config = doc["methodConfig"]
     assert isinstance(method_config, list)
     (method,) = method_config
-    assert method["name"] == [{"service": "opea.v1.RerankService", "method": "Rerank"}]
+    assert method["name"] == [
+        {"service": "opea.v1.RerankService", "method": "Rerank"},
+        {"service": "opea.v1.RerankService", "method": "RerankBatch"},
+    ]
     policy = method["retryPolicy"]
     assert policy["maxAttempts"] == 3
     assert policy["retryableStatusCodes"] == ["UNAVAILABLE"]

@@ -25,33 +25,35 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14opea/v1/common.proto\x12\x07opea.v1\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"b\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tembedding\x18\x04 \x03(\x02\"D\n\x0eScoredDocument\x12#\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x11.opea.v1.Document\x12\r\n\x05score\x18\x02 \x01(\x02\"0\n\x06\x46ilter\x12&\n\nconditions\x18\x01 \x03(\x0b\x32\x12.opea.v1.Condition\"d\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x08operator\x18\x02 \x01(\x0e\x32\x11.opea.v1.Operator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\x86\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12 \n\x04kind\x18\x04 \x01(\x0e\x32\x12.opea.v1.ModelKind\x12\x12\n\ndimensions\x18\x05 \x01(\x05\x12\x18\n\x10max_input_tokens\x18\x06 \x01(\x05\"\x13\n\x11ListModelsRequest\"4\n\x12ListModelsResponse\x12\x1e\n\x06models\x18\x01 \x03(\x0b\x32\x0e.opea.v1.Model*\xb2\x01\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\x0f\n\x0bOPERATOR_EQ\x10\x01\x12\x0f\n\x0bOPERATOR_NE\x10\x02\x12\x0f\n\x0bOPERATOR_GT\x10\x03\x12\x10\n\x0cOPERATOR_GTE\x10\x04\x12\x0f\n\x0bOPERATOR_LT\x10\x05\x12\x10\n\x0cOPERATOR_LTE\x10\x06\x12\x0f\n\x0bOPERATOR_IN\x10\x07\x12\x13\n\x0fOPERATOR_NOT_IN\x10\x08*m\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_CHAT\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x12\x15\n\x11MODEL_KIND_RERANK\x10\x03\x32U\n\x0cModelService\x12\x45\n\nListModels\x12\x1a.opea.v1.ListModelsRequest\x1a\x1b.opea.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14opea/v1/common.proto\x12\x07opea.v1\x1a\x1cgoogle/protobuf/struct.proto\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"b\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tembedding\x18\x04 \x03(\x02\"D\n\x0eScoredDocument\x12#\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x11.opea.v1.Document\x12\r\n\x05score\x18\x02 \x01(\x02\"0\n\x06\x46ilter\x12&\n\nconditions\x18\x01 \x03(\x0b\x32\x12.opea.v1.Condition\"d\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x08operator\x18\x02 \x01(\x0e\x32\x11.opea.v1.Operator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\x86\x01\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08owned_by\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12 \n\x04kind\x18\x04 \x01(\x0e\x32\x12.opea.v1.ModelKind\x12\x12\n\ndimensions\x18\x05 \x01(\x05\x12\x18\n\x10max_input_tokens\x18\x06 \x01(\x05\"\x13\n\x11ListModelsRequest\"4\n\x12ListModelsResponse\x12\x1e\n\x06models\x18\x01 \x03(\x0b\x32\x0e.opea.v1.Model*\xb2\x01\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\x0f\n\x0bOPERATOR_EQ\x10\x01\x12\x0f\n\x0bOPERATOR_NE\x10\x02\x12\x0f\n\x0bOPERATOR_GT\x10\x03\x12\x10\n\x0cOPERATOR_GTE\x10\x04\x12\x0f\n\x0bOPERATOR_LT\x10\x05\x12\x10\n\x0cOPERATOR_LTE\x10\x06\x12\x0f\n\x0bOPERATOR_IN\x10\x07\x12\x13\n\x0fOPERATOR_NOT_IN\x10\x08*m\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODEL_KIND_CHAT\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x12\x15\n\x11MODEL_KIND_RERANK\x10\x03\x32U\n\x0cModelService\x12\x45\n\nListModels\x12\x1a.opea.v1.ListModelsRequest\x1a\x1b.opea.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opea.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATOR']._serialized_start=679
-  _globals['_OPERATOR']._serialized_end=857
-  _globals['_MODELKIND']._serialized_start=859
-  _globals['_MODELKIND']._serialized_end=968
+  _globals['_OPERATOR']._serialized_start=720
+  _globals['_OPERATOR']._serialized_end=898
+  _globals['_MODELKIND']._serialized_start=900
+  _globals['_MODELKIND']._serialized_end=1009
   _globals['_USAGE']._serialized_start=63
   _globals['_USAGE']._serialized_end=142
-  _globals['_DOCUMENT']._serialized_start=144
-  _globals['_DOCUMENT']._serialized_end=242
-  _globals['_SCOREDDOCUMENT']._serialized_start=244
-  _globals['_SCOREDDOCUMENT']._serialized_end=312
-  _globals['_FILTER']._serialized_start=314
-  _globals['_FILTER']._serialized_end=362
-  _globals['_CONDITION']._serialized_start=364
-  _globals['_CONDITION']._serialized_end=464
-  _globals['_MODEL']._serialized_start=467
-  _globals['_MODEL']._serialized_end=601
-  _globals['_LISTMODELSREQUEST']._serialized_start=603
-  _globals['_LISTMODELSREQUEST']._serialized_end=622
-  _globals['_LISTMODELSRESPONSE']._serialized_start=624
-  _globals['_LISTMODELSRESPONSE']._serialized_end=676
-  _globals['_MODELSERVICE']._serialized_start=970
-  _globals['_MODELSERVICE']._serialized_end=1055
+  _globals['_STATUS']._serialized_start=144
+  _globals['_STATUS']._serialized_end=183
+  _globals['_DOCUMENT']._serialized_start=185
+  _globals['_DOCUMENT']._serialized_end=283
+  _globals['_SCOREDDOCUMENT']._serialized_start=285
+  _globals['_SCOREDDOCUMENT']._serialized_end=353
+  _globals['_FILTER']._serialized_start=355
+  _globals['_FILTER']._serialized_end=403
+  _globals['_CONDITION']._serialized_start=405
+  _globals['_CONDITION']._serialized_end=505
+  _globals['_MODEL']._serialized_start=508
+  _globals['_MODEL']._serialized_end=642
+  _globals['_LISTMODELSREQUEST']._serialized_start=644
+  _globals['_LISTMODELSREQUEST']._serialized_end=663
+  _globals['_LISTMODELSRESPONSE']._serialized_start=665
+  _globals['_LISTMODELSRESPONSE']._serialized_end=717
+  _globals['_MODELSERVICE']._serialized_start=1011
+  _globals['_MODELSERVICE']._serialized_end=1096
 # @@protoc_insertion_point(module_scope)

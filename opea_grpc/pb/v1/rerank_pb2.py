@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from opea_grpc.pb.v1 import common_pb2 as opea_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14opea/v1/rerank.proto\x12\x07opea.v1\x1a\x14opea/v1/common.proto\"q\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12$\n\tdocuments\x18\x02 \x03(\x0b\x32\x11.opea.v1.Document\x12\x12\n\x05top_n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05model\x18\x04 \x01(\tB\x08\n\x06_top_n\"[\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x02\x12#\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x11.opea.v1.Document\"f\n\x0eRerankResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.opea.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.opea.v1.Usage2J\n\rRerankService\x12\x39\n\x06Rerank\x12\x16.opea.v1.RerankRequest\x1a\x17.opea.v1.RerankResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14opea/v1/rerank.proto\x12\x07opea.v1\x1a\x14opea/v1/common.proto\"q\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12$\n\tdocuments\x18\x02 \x03(\x0b\x32\x11.opea.v1.Document\x12\x12\n\x05top_n\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05model\x18\x04 \x01(\tB\x08\n\x06_top_n\"[\n\x0cRerankResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x17\n\x0frelevance_score\x18\x02 \x01(\x02\x12#\n\x08\x64ocument\x18\x03 \x01(\x0b\x32\x11.opea.v1.Document\"f\n\x0eRerankResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.opea.v1.RerankResult\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.opea.v1.Usage\">\n\x12RerankBatchRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.opea.v1.RerankRequest\"B\n\x13RerankBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.opea.v1.RerankBatchResult\"m\n\x11RerankBatchResult\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.opea.v1.RerankResponseH\x00\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.opea.v1.StatusH\x00\x42\t\n\x07outcome2\x94\x01\n\rRerankService\x12\x39\n\x06Rerank\x12\x16.opea.v1.RerankRequest\x1a\x17.opea.v1.RerankResponse\x12H\n\x0bRerankBatch\x12\x1b.opea.v1.RerankBatchRequest\x1a\x1c.opea.v1.RerankBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RERANKRESULT']._serialized_end=261
   _globals['_RERANKRESPONSE']._serialized_start=263
   _globals['_RERANKRESPONSE']._serialized_end=365
-  _globals['_RERANKSERVICE']._serialized_start=367
-  _globals['_RERANKSERVICE']._serialized_end=441
+  _globals['_RERANKBATCHREQUEST']._serialized_start=367
+  _globals['_RERANKBATCHREQUEST']._serialized_end=429
+  _globals['_RERANKBATCHRESPONSE']._serialized_start=431
+  _globals['_RERANKBATCHRESPONSE']._serialized_end=497
+  _globals['_RERANKBATCHRESULT']._serialized_start=499
+  _globals['_RERANKBATCHRESULT']._serialized_end=608
+  _globals['_RERANKSERVICE']._serialized_start=611
+  _globals['_RERANKSERVICE']._serialized_end=759
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class RerankServiceStub:
                 request_serializer=opea_dot_v1_dot_rerank__pb2.RerankRequest.SerializeToString,
                 response_deserializer=opea_dot_v1_dot_rerank__pb2.RerankResponse.FromString,
                 _registered_method=True)
+        self.RerankBatch = channel.unary_unary(
+                '/opea.v1.RerankService/RerankBatch',
+                request_serializer=opea_dot_v1_dot_rerank__pb2.RerankBatchRequest.SerializeToString,
+                response_deserializer=opea_dot_v1_dot_rerank__pb2.RerankBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RerankServiceServicer:
@@ -52,6 +57,15 @@ class RerankServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerankBatch(self, request, context):
+        """Several rerankings in one call, each answered, or refused, on its own: what Rerank would
+        have answered it. A gateway sends the rerankings of concurrent requests this way (one
+        round trip instead of one each).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RerankServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_RerankServiceServicer_to_server(servicer, server):
                     servicer.Rerank,
                     request_deserializer=opea_dot_v1_dot_rerank__pb2.RerankRequest.FromString,
                     response_serializer=opea_dot_v1_dot_rerank__pb2.RerankResponse.SerializeToString,
+            ),
+            'RerankBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerankBatch,
+                    request_deserializer=opea_dot_v1_dot_rerank__pb2.RerankBatchRequest.FromString,
+                    response_serializer=opea_dot_v1_dot_rerank__pb2.RerankBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +108,33 @@ class RerankService:
             '/opea.v1.RerankService/Rerank',
             opea_dot_v1_dot_rerank__pb2.RerankRequest.SerializeToString,
             opea_dot_v1_dot_rerank__pb2.RerankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerankBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opea.v1.RerankService/RerankBatch',
+            opea_dot_v1_dot_rerank__pb2.RerankBatchRequest.SerializeToString,
+            opea_dot_v1_dot_rerank__pb2.RerankBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

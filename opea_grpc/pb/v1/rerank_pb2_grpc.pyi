@@ -34,6 +34,11 @@ class RerankServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RerankServiceAsyncStub: ...
     Rerank: _grpc.UnaryUnaryMultiCallable[_rerank_pb2.RerankRequest, _rerank_pb2.RerankResponse]
+    RerankBatch: _grpc.UnaryUnaryMultiCallable[_rerank_pb2.RerankBatchRequest, _rerank_pb2.RerankBatchResponse]
+    """Several rerankings in one call, each answered, or refused, on its own: what Rerank would
+    have answered it. A gateway sends the rerankings of concurrent requests this way (one
+    round trip instead of one each).
+    """
 
 @_typing.type_check_only
 class RerankServiceAsyncStub(RerankServiceStub):
@@ -41,6 +46,11 @@ class RerankServiceAsyncStub(RerankServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Rerank: _aio.UnaryUnaryMultiCallable[_rerank_pb2.RerankRequest, _rerank_pb2.RerankResponse]  # type: ignore[assignment]
+    RerankBatch: _aio.UnaryUnaryMultiCallable[_rerank_pb2.RerankBatchRequest, _rerank_pb2.RerankBatchResponse]  # type: ignore[assignment]
+    """Several rerankings in one call, each answered, or refused, on its own: what Rerank would
+    have answered it. A gateway sends the rerankings of concurrent requests this way (one
+    round trip instead of one each).
+    """
 
 class RerankServiceServicer(metaclass=_abc_1.ABCMeta):
     """Reorders candidate documents by relevance to a query (the Cohere/Jina rerank shape)."""
@@ -51,5 +61,16 @@ class RerankServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rerank_pb2.RerankRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rerank_pb2.RerankResponse, _abc.Awaitable[_rerank_pb2.RerankResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RerankBatch(
+        self,
+        request: _rerank_pb2.RerankBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rerank_pb2.RerankBatchResponse, _abc.Awaitable[_rerank_pb2.RerankBatchResponse]]:
+        """Several rerankings in one call, each answered, or refused, on its own: what Rerank would
+        have answered it. A gateway sends the rerankings of concurrent requests this way (one
+        round trip instead of one each).
+        """
 
 def add_RerankServiceServicer_to_server(servicer: RerankServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from opea_grpc.pb.v1 import common_pb2 as opea_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17opea/v1/retrieval.proto\x12\x07opea.v1\x1a\x14opea/v1/common.proto\"\xa4\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05query\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1f\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x0f.opea.v1.Filter\x12\x1c\n\x0fscore_threshold\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_score_threshold\"<\n\x0eSearchResponse\x12*\n\tdocuments\x18\x01 \x03(\x0b\x32\x17.opea.v1.ScoredDocument\"I\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12$\n\tdocuments\x18\x02 \x03(\x0b\x32\x11.opea.v1.Document\"(\n\x0eUpsertResponse\x12\x16\n\x0eupserted_count\x18\x01 \x01(\x05\"Q\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x1f\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x0f.opea.v1.Filter\"\'\n\x0e\x44\x65leteResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x05\"F\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\x05\x12\x16\n\x0e\x64ocument_count\x18\x03 \x01(\x03\"\x18\n\x16ListCollectionsRequest\"C\n\x17ListCollectionsResponse\x12(\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x13.opea.v1.Collection\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse2\xf2\x02\n\x10RetrievalService\x12\x39\n\x06Search\x12\x16.opea.v1.SearchRequest\x1a\x17.opea.v1.SearchResponse\x12\x39\n\x06Upsert\x12\x16.opea.v1.UpsertRequest\x1a\x17.opea.v1.UpsertResponse\x12\x39\n\x06\x44\x65lete\x12\x16.opea.v1.DeleteRequest\x1a\x17.opea.v1.DeleteResponse\x12T\n\x0fListCollections\x12\x1f.opea.v1.ListCollectionsRequest\x1a .opea.v1.ListCollectionsResponse\x12W\n\x10\x44\x65leteCollection\x12 .opea.v1.DeleteCollectionRequest\x1a!.opea.v1.DeleteCollectionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17opea/v1/retrieval.proto\x12\x07opea.v1\x1a\x14opea/v1/common.proto\"\xa4\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05query\x18\x03 \x01(\t\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x1f\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x0f.opea.v1.Filter\x12\x1c\n\x0fscore_threshold\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_score_threshold\"<\n\x0eSearchResponse\x12*\n\tdocuments\x18\x01 \x03(\x0b\x32\x17.opea.v1.ScoredDocument\">\n\x12SearchBatchRequest\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.opea.v1.SearchRequest\"B\n\x13SearchBatchResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.opea.v1.SearchBatchResult\"m\n\x11SearchBatchResult\x12+\n\x08response\x18\x01 \x01(\x0b\x32\x17.opea.v1.SearchResponseH\x00\x12 \n\x05\x65rror\x18\x02 \x01(\x0b\x32\x0f.opea.v1.StatusH\x00\x42\t\n\x07outcome\"I\n\rUpsertRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12$\n\tdocuments\x18\x02 \x03(\x0b\x32\x11.opea.v1.Document\"(\n\x0eUpsertResponse\x12\x16\n\x0eupserted_count\x18\x01 \x01(\x05\"Q\n\rDeleteRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\x12\x1f\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x0f.opea.v1.Filter\"\'\n\x0e\x44\x65leteResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x05\"F\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\x05\x12\x16\n\x0e\x64ocument_count\x18\x03 \x01(\x03\"\x18\n\x16ListCollectionsRequest\"C\n\x17ListCollectionsResponse\x12(\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x13.opea.v1.Collection\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse2\xbc\x03\n\x10RetrievalService\x12\x39\n\x06Search\x12\x16.opea.v1.SearchRequest\x1a\x17.opea.v1.SearchResponse\x12H\n\x0bSearchBatch\x12\x1b.opea.v1.SearchBatchRequest\x1a\x1c.opea.v1.SearchBatchResponse\x12\x39\n\x06Upsert\x12\x16.opea.v1.UpsertRequest\x1a\x17.opea.v1.UpsertResponse\x12\x39\n\x06\x44\x65lete\x12\x16.opea.v1.DeleteRequest\x1a\x17.opea.v1.DeleteResponse\x12T\n\x0fListCollections\x12\x1f.opea.v1.ListCollectionsRequest\x1a .opea.v1.ListCollectionsResponse\x12W\n\x10\x44\x65leteCollection\x12 .opea.v1.DeleteCollectionRequest\x1a!.opea.v1.DeleteCollectionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHREQUEST']._serialized_end=223
   _globals['_SEARCHRESPONSE']._serialized_start=225
   _globals['_SEARCHRESPONSE']._serialized_end=285
-  _globals['_UPSERTREQUEST']._serialized_start=287
-  _globals['_UPSERTREQUEST']._serialized_end=360
-  _globals['_UPSERTRESPONSE']._serialized_start=362
-  _globals['_UPSERTRESPONSE']._serialized_end=402
-  _globals['_DELETEREQUEST']._serialized_start=404
-  _globals['_DELETEREQUEST']._serialized_end=485
-  _globals['_DELETERESPONSE']._serialized_start=487
-  _globals['_DELETERESPONSE']._serialized_end=526
-  _globals['_COLLECTION']._serialized_start=528
-  _globals['_COLLECTION']._serialized_end=598
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=600
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=624
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=626
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=693
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=695
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=734
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=736
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=762
-  _globals['_RETRIEVALSERVICE']._serialized_start=765
-  _globals['_RETRIEVALSERVICE']._serialized_end=1135
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=287
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=349
+  _globals['_SEARCHBATCHRESPONSE']._serialized_start=351
+  _globals['_SEARCHBATCHRESPONSE']._serialized_end=417
+  _globals['_SEARCHBATCHRESULT']._serialized_start=419
+  _globals['_SEARCHBATCHRESULT']._serialized_end=528
+  _globals['_UPSERTREQUEST']._serialized_start=530
+  _globals['_UPSERTREQUEST']._serialized_end=603
+  _globals['_UPSERTRESPONSE']._serialized_start=605
+  _globals['_UPSERTRESPONSE']._serialized_end=645
+  _globals['_DELETEREQUEST']._serialized_start=647
+  _globals['_DELETEREQUEST']._serialized_end=728
+  _globals['_DELETERESPONSE']._serialized_start=730
+  _globals['_DELETERESPONSE']._serialized_end=769
+  _globals['_COLLECTION']._serialized_start=771
+  _globals['_COLLECTION']._serialized_end=841
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=843
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=867
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=869
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=936
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=938
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=977
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=979
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=1005
+  _globals['_RETRIEVALSERVICE']._serialized_start=1008
+  _globals['_RETRIEVALSERVICE']._serialized_end=1452
 # @@protoc_insertion_point(module_scope)

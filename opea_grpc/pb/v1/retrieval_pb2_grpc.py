@@ -40,6 +40,11 @@ class RetrievalServiceStub:
                 request_serializer=opea_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
                 response_deserializer=opea_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/opea.v1.RetrievalService/SearchBatch',
+                request_serializer=opea_dot_v1_dot_retrieval__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=opea_dot_v1_dot_retrieval__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
         self.Upsert = channel.unary_unary(
                 '/opea.v1.RetrievalService/Upsert',
                 request_serializer=opea_dot_v1_dot_retrieval__pb2.UpsertRequest.SerializeToString,
@@ -68,6 +73,15 @@ class RetrievalServiceServicer:
 
     def Search(self, request, context):
         """Nearest documents to a query vector, optionally fused with a text (BM25) search.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchBatch(self, request, context):
+        """Several searches in one call, each answered, or refused, on its own: what Search would
+        have answered it. A gateway sends the searches of concurrent requests this way (one round
+        trip instead of one each).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +120,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=opea_dot_v1_dot_retrieval__pb2.SearchRequest.FromString,
                     response_serializer=opea_dot_v1_dot_retrieval__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=opea_dot_v1_dot_retrieval__pb2.SearchBatchRequest.FromString,
+                    response_serializer=opea_dot_v1_dot_retrieval__pb2.SearchBatchResponse.SerializeToString,
             ),
             'Upsert': grpc.unary_unary_rpc_method_handler(
                     servicer.Upsert,
@@ -156,6 +175,33 @@ class RetrievalService:
             '/opea.v1.RetrievalService/Search',
             opea_dot_v1_dot_retrieval__pb2.SearchRequest.SerializeToString,
             opea_dot_v1_dot_retrieval__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opea.v1.RetrievalService/SearchBatch',
+            opea_dot_v1_dot_retrieval__pb2.SearchBatchRequest.SerializeToString,
+            opea_dot_v1_dot_retrieval__pb2.SearchBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,11 @@ class RetrievalServiceStub:
     def __new__(cls, channel: _aio.Channel) -> RetrievalServiceAsyncStub: ...
     Search: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.SearchRequest, _retrieval_pb2.SearchResponse]
     """Nearest documents to a query vector, optionally fused with a text (BM25) search."""
+    SearchBatch: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.SearchBatchRequest, _retrieval_pb2.SearchBatchResponse]
+    """Several searches in one call, each answered, or refused, on its own: what Search would
+    have answered it. A gateway sends the searches of concurrent requests this way (one round
+    trip instead of one each).
+    """
     Upsert: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.UpsertRequest, _retrieval_pb2.UpsertResponse]
     """Inserts or replaces documents by id. Creates the collection on first write."""
     Delete: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.DeleteRequest, _retrieval_pb2.DeleteResponse]
@@ -49,6 +54,11 @@ class RetrievalServiceAsyncStub(RetrievalServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Search: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.SearchRequest, _retrieval_pb2.SearchResponse]  # type: ignore[assignment]
     """Nearest documents to a query vector, optionally fused with a text (BM25) search."""
+    SearchBatch: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.SearchBatchRequest, _retrieval_pb2.SearchBatchResponse]  # type: ignore[assignment]
+    """Several searches in one call, each answered, or refused, on its own: what Search would
+    have answered it. A gateway sends the searches of concurrent requests this way (one round
+    trip instead of one each).
+    """
     Upsert: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.UpsertRequest, _retrieval_pb2.UpsertResponse]  # type: ignore[assignment]
     """Inserts or replaces documents by id. Creates the collection on first write."""
     Delete: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.DeleteRequest, _retrieval_pb2.DeleteResponse]  # type: ignore[assignment]
@@ -66,6 +76,17 @@ class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_retrieval_pb2.SearchResponse, _abc.Awaitable[_retrieval_pb2.SearchResponse]]:
         """Nearest documents to a query vector, optionally fused with a text (BM25) search."""
+
+    @_abc_1.abstractmethod
+    def SearchBatch(
+        self,
+        request: _retrieval_pb2.SearchBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.SearchBatchResponse, _abc.Awaitable[_retrieval_pb2.SearchBatchResponse]]:
+        """Several searches in one call, each answered, or refused, on its own: what Search would
+        have answered it. A gateway sends the searches of concurrent requests this way (one round
+        trip instead of one each).
+        """
 
     @_abc_1.abstractmethod
     def Upsert(
