@@ -142,15 +142,15 @@ class Coalescer(Generic[Req, Resp]):
 
     async def _send(self, waiters: list[_Waiter[Req, Resp]], expires: float) -> None:
         seconds = max(0.0, expires - time.monotonic())
-        outcomes: Sequence[Resp | Exception]
+        answers: Sequence[Resp | Exception]
         try:
             if len(waiters) == 1:
-                outcomes = [await self.batching.one(waiters[0].request, seconds)]
+                answers = [await self.batching.one(waiters[0].request, seconds)]
             else:
-                outcomes = await self.batching.many([w.request for w in waiters], seconds)
+                answers = await self.batching.many([w.request for w in waiters], seconds)
         except Exception as exc:  # the call failed: each caller raises it
-            outcomes = [exc] * len(waiters)
-        for w, outcome in zip(waiters, outcomes, strict=True):
+            answers = [exc] * len(waiters)
+        for w, outcome in zip(waiters, answers, strict=True):
             if w.future.done():
                 continue
             if isinstance(outcome, Exception):
@@ -272,27 +272,32 @@ def batched(
     return Batching(key, one, many)
 
 
+def _through(
+    call: Callable[..., Awaitable[Any]], message: Callable[..., Any]
+) -> Callable[[list[Any], float], Awaitable[Sequence[BatchResult]]]:
+    """The requests as one ``message(requests=...)`` through the batch method ``call``."""
+
+    async def batch(requests: list[Any], timeout: float) -> Sequence[BatchResult]:
+        reply = await call(message(requests=requests), timeout=timeout)
+        results: Sequence[BatchResult] = reply.results
+        return results
+
+    return batch
+
+
 def retrieval(client: RetrievalClient) -> Batching[retrieval_pb2.SearchRequest,
                                                    retrieval_pb2.SearchResponse]:  # fmt: skip
     """Searches, as one ``SearchBatch``."""
-
-    async def batch(
-        requests: list[retrieval_pb2.SearchRequest], timeout: float
-    ) -> Sequence[BatchResult]:
-        request = retrieval_pb2.SearchBatchRequest(requests=requests)
-        return (await client.search_batch(request, timeout=timeout)).results
-
-    return batched(lambda r, timeout: client.search(r, timeout=timeout), batch)
+    return batched(
+        lambda r, timeout: client.search(r, timeout=timeout),
+        _through(client.search_batch, retrieval_pb2.SearchBatchRequest),
+    )
 
 
 def rerank(client: RerankClient) -> Batching[rerank_pb2.RerankRequest,
                                              rerank_pb2.RerankResponse]:  # fmt: skip
     """Rerankings, as one ``RerankBatch``."""
-
-    async def batch(
-        requests: list[rerank_pb2.RerankRequest], timeout: float
-    ) -> Sequence[BatchResult]:
-        request = rerank_pb2.RerankBatchRequest(requests=requests)
-        return (await client.rerank_batch(request, timeout=timeout)).results
-
-    return batched(lambda r, timeout: client.rerank(r, timeout=timeout), batch)
+    return batched(
+        lambda r, timeout: client.rerank(r, timeout=timeout),
+        _through(client.rerank_batch, rerank_pb2.RerankBatchRequest),
+    )
