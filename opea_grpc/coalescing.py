@@ -45,6 +45,9 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
 _DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+#: A caller whose deadline is this close to the merged call's needs no timer of its own (gRPC
+#: rounds a deadline it sends up by more: to 10 ms between 1 and 10 s).
+_SLACK = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +135,7 @@ class Coalescer(Generic[Req, Resp]):
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         for w in waiting:
-            if w.expires < latest:
+            if w.expires < latest - _SLACK:
                 w.timer = loop.call_later(w.expires - now, _expire, w)
         self.calls += 1
         self.requests += len(waiting)
